@@ -1,1 +1,183 @@
-def main():\n    pass
+"""The ``pharmafl`` command: prepare, simulate, baseline, report, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pharmafl.errors import UserError
+from pharmafl.jobs import repo_root
+
+DEFAULT_CHEMBL = repo_root().parent / "shared" / "data" / "chem" / "chembl_5thresh.csv.gz"
+CHEMBL_URL = "https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/chembl_5thresh.csv.gz"
+DEFAULT_JOB = repo_root() / "jobs" / "multitask_fedavg"
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in _floats(text)]
+
+
+def _default_chem_input() -> str:
+    return str(DEFAULT_CHEMBL) if DEFAULT_CHEMBL.is_file() else CHEMBL_URL
+
+
+def cmd_prepare_chem(args: argparse.Namespace) -> int:
+    from pharmafl.chem.prepare import PrepareConfig, prepare_chem
+
+    if args.sites:
+        sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    else:
+        if args.partners <= 0:
+            raise UserError(f"--partners must be positive, got {args.partners}")
+        sites = [f"site-{i + 1}" for i in range(args.partners)]
+    config = PrepareConfig(
+        sites=sites,
+        fmt=args.format,
+        smiles_col=args.smiles_col,
+        thresholds=args.thresholds,
+        fold_secret=args.fold_secret,
+        n_bits=args.bits,
+        radius=args.radius,
+        test_fold=args.test_fold,
+        min_train_actives=args.min_train_actives,
+        min_train_inactives=args.min_train_inactives,
+        min_eval_actives=args.min_eval_actives,
+        min_eval_inactives=args.min_eval_inactives,
+        seed=args.seed,
+        max_compounds=args.max_compounds,
+    )
+    summary = prepare_chem(args.input or _default_chem_input(), args.out, config)
+    skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
+    print(f"read {summary['rows_read']} rows; skipped: {skipped}; merged duplicates: {summary['duplicates_merged']}")
+    print(
+        f"{summary['compounds']} compounds, {summary['tasks_total']} tasks, "
+        f"{summary['tasks_train_quorum']} pass the training quorum, "
+        f"{summary['tasks_eval_quorum']} the evaluation quorum"
+    )
+    for site, facts in summary["sites"].items():
+        print(f"  {site}: {facts['compounds']} compounds, {facts['tasks']} tasks ({facts['tasks_eval']} evaluated)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from pharmafl.simulate import run_simulator
+
+    result = run_simulator(args.job, args.data, args.workspace, args.rounds, args.threads)
+    print(f"simulation finished in {result['wall_s']:.1f} s; results in {result['run_dir']}")
+    return 0
+
+
+def cmd_baseline_chem(args: argparse.Namespace) -> int:
+    from pharmafl.baseline import run_single_partner
+
+    summary = run_single_partner(args.data, args.out, args.job, args.rounds)
+    for site, result in summary["sites"].items():
+        print(f"{site}: single-partner test AUC-ROC {result['auc_roc']:.4f}, AUC-PR {result['auc_pr']:.4f}")
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pharmafl.report import write_report
+
+    summary, table = write_report(args.workspace, args.baseline)
+    print(table)
+    return 0
+
+
+def cmd_bench_trunk(args: argparse.Namespace) -> int:
+    from pharmafl.bench import bench_trunk
+
+    result = bench_trunk(args.data, args.rounds, args.workdir)
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pharmafl", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="prepare site data").add_subparsers(dest="kind", required=True)
+    chem = prepare.add_parser("chem", help="MELLODDY-style compound x assay data -> one folder per partner")
+    chem.add_argument("input", nargs="?", help=f"CSV/CSV.GZ path or URL (default: {DEFAULT_CHEMBL.name})")
+    chem.add_argument("--out", required=True, help="output folder (one subfolder per site)")
+    who = chem.add_mutually_exclusive_group(required=True)
+    who.add_argument("--partners", type=int, help="number of simulated partners (sites site-1..site-N)")
+    who.add_argument("--sites", help="comma-separated site names")
+    chem.add_argument("--format", default="auto", choices=["auto", "wide", "long"])
+    chem.add_argument("--smiles-col", default="smiles")
+    chem.add_argument("--thresholds", type=_floats, default=(5.5, 6.5, 7.5), help="activity thresholds")
+    chem.add_argument("--fold-secret", default="pharmafl-demo-secret", help="consortium secret for scaffold folds")
+    chem.add_argument("--bits", type=int, default=32000, help="fingerprint length (folded ECFP)")
+    chem.add_argument("--radius", type=int, default=3, help="Morgan radius (3 = ECFP6)")
+    chem.add_argument("--test-fold", type=int, default=0)
+    chem.add_argument("--min-train-actives", type=int, default=10)
+    chem.add_argument("--min-train-inactives", type=int, default=10)
+    chem.add_argument("--min-eval-actives", type=int, default=5)
+    chem.add_argument("--min-eval-inactives", type=int, default=5)
+    chem.add_argument("--seed", type=int, default=0, help="seed of the task-to-partner assignment")
+    chem.add_argument("--max-compounds", type=int, default=None, help="use only the first N valid compounds")
+    chem.set_defaults(func=cmd_prepare_chem)
+
+    simulate = commands.add_parser("simulate", help="run a job in the FLARE simulator, one client per site")
+    simulate.add_argument("job", help="job folder, e.g. jobs/multitask_fedavg")
+    simulate.add_argument("--data", required=True, help="prepared data folder (one subfolder per site)")
+    simulate.add_argument("--workspace", required=True, help="simulator workspace (replaced)")
+    simulate.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
+    simulate.add_argument("--threads", type=int, default=None, help="clients run in parallel (default: all)")
+    simulate.set_defaults(func=cmd_simulate)
+
+    baseline = commands.add_parser("baseline", help="non-federated baselines").add_subparsers(
+        dest="kind", required=True
+    )
+    baseline_chem = baseline.add_parser("chem", help="each partner trains alone with the job's settings")
+    baseline_chem.add_argument("--data", required=True)
+    baseline_chem.add_argument("--out", required=True)
+    baseline_chem.add_argument("--job", default=str(DEFAULT_JOB), help="job whose model and hyperparameters to use")
+    baseline_chem.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
+    baseline_chem.set_defaults(func=cmd_baseline_chem)
+
+    report = commands.add_parser("report", help="summary.json, report.md and plots of a finished run")
+    report.add_argument("workspace")
+    report.add_argument("--baseline", default=None, help="output folder of `pharmafl baseline`")
+    report.set_defaults(func=cmd_report)
+
+    bench = commands.add_parser("bench", help="benchmarks (JSON on the last line)").add_subparsers(
+        dest="kind", required=True
+    )
+    trunk = bench.add_parser("trunk", help="local training throughput and federated overhead")
+    trunk.add_argument("--json", action="store_true", help="print JSON (always on; kept for symmetry)")
+    trunk.add_argument("--data", default=None, help="prepared data (default: ChEMBL, 3 partners, prepared once)")
+    trunk.add_argument("--rounds", type=int, default=3)
+    trunk.add_argument("--workdir", default="runs/bench", help="scratch folder")
+    trunk.set_defaults(func=cmd_bench_trunk)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"pharmafl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pharmafl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Load one site's prepared folder (written by `prepare_chem`) with its consistency checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pharmafl.errors import UserError
+
+REQUIRED_FILES = ("X.npz", "Y.npz", "folds.npy", "tasks.csv", "manifest.json")
+
+
+@dataclass
+class SiteData:
+    """One partner's data: fingerprints X, labels Y (+1 active, -1 inactive, absent = unlabeled).
+
+    `values` holds the continuous measurement behind a label where one exists (for a regression head);
+    its own sparsity pattern says which labels have one, stored zeros included.
+    """
+
+    X: sp.csr_matrix
+    Y: sp.csr_matrix
+    folds: np.ndarray
+    tasks: pd.DataFrame
+    manifest: dict
+    path: str
+    values: sp.csr_matrix | None = None
+
+    @property
+    def n_features(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def n_tasks(self) -> int:
+        return int(self.Y.shape[1])
+
+    @property
+    def eval_task_mask(self) -> np.ndarray:
+        """Boolean mask of the tasks that pass the evaluation quorum."""
+        return self.tasks["evaluate"].to_numpy(dtype=bool)
+
+    def rows_in_folds(self, folds: Iterable[int]) -> np.ndarray:
+        """Row indices of the compounds whose fold is in `folds`."""
+        return np.flatnonzero(np.isin(self.folds, np.fromiter(folds, dtype=np.int64)))
+
+
+def load_site(path: str, verify: bool = False) -> SiteData:
+    """Load a site folder; `verify` also checks every file against the manifest's sha256."""
+    folder = Path(path)
+    for name in REQUIRED_FILES:
+        if not (folder / name).is_file():
+            raise UserError(
+                f"No prepared data for site at '{path}' (missing {name}); run `pharmafl prepare chem` first."
+            )
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"The manifest at '{folder / 'manifest.json'}' is not valid JSON.") from None
+    if verify:
+        _verify_checksums(folder, manifest)
+
+    X = _load_matrix(folder / "X.npz").astype(np.float32, copy=False)
+    Y = _load_matrix(folder / "Y.npz").astype(np.int8, copy=False)
+    values = _load_matrix(folder / "values.npz") if (folder / "values.npz").is_file() else None
+    try:
+        folds = np.load(folder / "folds.npy", allow_pickle=False)
+        tasks = pd.read_csv(folder / "tasks.csv", dtype={"task_id": str, "assay": str})
+    except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        raise UserError(f"The prepared data at '{path}' is damaged; prepare it again.") from None
+
+    problems = []
+    if Y.shape[0] != X.shape[0] or len(folds) != X.shape[0]:
+        problems.append(f"X has {X.shape[0]} rows, Y {Y.shape[0]} and folds {len(folds)}")
+    if Y.shape[1] != len(tasks):
+        problems.append(f"Y has {Y.shape[1]} task columns but tasks.csv lists {len(tasks)} tasks")
+    if "n_bits" in manifest and X.shape[1] != manifest["n_bits"]:
+        problems.append(f"X has {X.shape[1]} columns but the manifest says {manifest['n_bits']} bits")
+    if values is not None and values.shape != Y.shape:
+        problems.append(f"values has shape {values.shape} but Y has {Y.shape}")
+    if "evaluate" not in tasks.columns:
+        problems.append("tasks.csv has no 'evaluate' column")
+    if Y.nnz and not np.isin(Y.data, (-1, 1)).all():
+        problems.append("Y holds labels other than +1 and -1")
+    if problems:
+        raise UserError(f"The prepared data at '{path}' is inconsistent ({'; '.join(problems)}); prepare it again.")
+    return SiteData(X=X, Y=Y, folds=folds, tasks=tasks, manifest=manifest, path=str(path), values=values)
+
+
+def _load_matrix(path: Path) -> sp.csr_matrix:
+    try:
+        return sp.csr_matrix(sp.load_npz(path))
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile):
+        raise UserError(f"'{path}' is not a readable sparse matrix; prepare the data again.") from None
+
+
+def _verify_checksums(folder: Path, manifest: dict) -> None:
+    checksums = manifest.get("sha256")
+    if not isinstance(checksums, dict) or not checksums:
+        raise UserError(f"The manifest at '{folder}' lists no checksums to verify.")
+    for name, expected in checksums.items():
+        file = folder / name
+        if not file.is_file():
+            raise UserError(f"'{file}' is listed in the manifest but missing; prepare the data again.")
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected:
+            raise UserError(f"'{file}' does not match its manifest checksum; it changed after preparation.")

@@ -1,0 +1,669 @@
+"""MELLODDY-style data preparation: activity table -> per-site sparse fingerprints, labels and folds.
+
+The pipeline: read a wide (one column per assay) or long (smiles, task, value[, qualifier]) CSV, parse
+labels, standardise and featurise every distinct SMILES once, merge duplicate structures, threshold
+continuous activities into classification tasks, assign scaffold folds with a keyed hash, split the
+assays between simulated partners and write one folder per partner. Everything skipped is counted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from rdkit import Chem
+
+from pharmafl.chem.standardize import ecfp_bits, fold_for_scaffold, murcko_scaffold, standardize_with_reason
+from pharmafl.errors import UserError
+
+FORMAT_VERSION = 1
+SITE_FILES = ("X.npz", "Y.npz", "values.npz", "folds.npy", "tasks.csv", "compounds.csv")
+MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "none"}
+EXACT, BELOW, ABOVE = 0, 1, 2
+# ChEMBL-style relations; "<=" and ">=" imply the same labels as "<" and ">" under our threshold rules.
+QUALIFIERS = {
+    "": EXACT,
+    "=": EXACT,
+    "~": EXACT,
+    "<": BELOW,
+    "<=": BELOW,
+    "<<": BELOW,
+    ">": ABOVE,
+    ">=": ABOVE,
+    ">>": ABOVE,
+}
+PROGRESS_EVERY = 2000
+
+
+@dataclass
+class PrepareConfig:
+    """Options of `prepare_chem`.
+
+    `fold_secret` keys the scaffold-to-fold hash. The default is public and only fit for demos: a
+    consortium must choose its own secret and share it only among its partners.
+    """
+
+    sites: list[str]
+    fmt: str = "auto"  # "wide", "long", or "auto" (long if the columns include task and value)
+    smiles_col: str = "smiles"
+    thresholds: tuple[float, ...] = (5.5, 6.5, 7.5)
+    fold_secret: str = field(default="pharmafl-demo-secret", repr=False)
+    n_bits: int = 32000
+    radius: int = 3
+    n_folds: int = 5
+    test_fold: int = 0
+    min_train_actives: int = 10
+    min_train_inactives: int = 10
+    min_eval_actives: int = 5
+    min_eval_inactives: int = 5
+    max_heavy_atoms: int = 100
+    seed: int = 0
+    max_compounds: int | None = None  # keep only the first N valid compounds (tests, quick demos)
+
+
+@dataclass
+class _Labels:
+    """Parsed measurements before standardisation: one entry per (input row, assay) value."""
+
+    row_smiles: np.ndarray  # raw SMILES per input row
+    usable_rows: np.ndarray  # bool per input row: has a SMILES and at least one label
+    row: np.ndarray  # input row of each measurement
+    assay: np.ndarray  # index into assay_names
+    value: np.ndarray
+    qualifier: np.ndarray  # EXACT, BELOW or ABOVE
+    assay_names: list[str]
+    assay_binary: np.ndarray  # bool per assay: all values 0/1, used as one task without thresholds
+    counts: dict[str, int]
+    ignored_columns: list[str] = field(default_factory=list)
+    empty_columns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Task:
+    task_id: str
+    assay: int
+    threshold: float | None
+    compound: np.ndarray
+    label: np.ndarray  # +1 / -1
+    value: np.ndarray  # continuous source value, NaN where censored or binary
+
+
+def prepare_chem(
+    input_path: str,
+    out_dir: str,
+    config: PrepareConfig,
+    progress: Callable[[str], None] | None = print,
+) -> dict:
+    """Prepare `input_path` (local CSV[.gz] or http(s) URL) into one folder per site under `out_dir`.
+
+    Returns the summary that is also written to `out_dir/summary.json`. A skipped row is counted once,
+    under the first reason that applies: empty_smiles, empty_rows (no label), invalid_smiles, too_large;
+    non_numeric_values counts cells (in long format, rows). `duplicates_merged` counts records folded
+    into an earlier one: rows of the same structure (wide), measurements of the same structure and task
+    (long).
+    """
+    say = progress or (lambda _message: None)
+    started = time.perf_counter()
+    _validate_config(config)
+    path = _resolve_input(input_path, say)
+    frame = _read_csv(path)
+    fmt = _detect_format(frame, config)
+    smiles_col = _find_smiles_column(frame, config.smiles_col, say)
+    say(f"read {len(frame)} rows x {frame.shape[1]} columns from {input_path} ({fmt} format)")
+    labels = _parse_wide(frame, smiles_col, say) if fmt == "wide" else _parse_long(frame, smiles_col)
+    del frame
+    if not labels.assay_names:
+        raise UserError(f"No usable label column in '{input_path}': no column holds numeric activity values.")
+
+    row_compound, compounds, fingerprints, scaffolds, counts = _featurize(labels, config, say)
+    counts = {**labels.counts, **counts}
+    kept = row_compound[labels.row] >= 0
+    compound, assay = row_compound[labels.row][kept], labels.assay[kept]
+    value, qualifier = labels.value[kept], labels.qualifier[kept]
+    if len(compounds) == 0:
+        raise UserError(f"No valid structure with labels in '{input_path}'; check the SMILES column.")
+    pairs = _merge_duplicates(compound, assay, value, qualifier, labels.assay_binary)
+    if fmt == "wide":  # a record is a row: rows folded into an earlier row of the same structure
+        duplicates_merged = int(np.count_nonzero(row_compound >= 0) - len(compounds))
+    else:  # a record is a measurement: folded into an earlier one of the same structure and task
+        duplicates_merged = int(len(compound) - len(pairs))
+
+    fold_of_scaffold: dict[str, int] = {}
+    folds = np.array(
+        [fold_of_scaffold.setdefault(s, fold_for_scaffold(s, config.fold_secret, config.n_folds)) for s in scaffolds],
+        dtype=np.int8,
+    )
+    tasks = _threshold_tasks(pairs, labels.assay_binary, labels.assay_names, config.thresholds)
+    stats = _task_statistics(tasks, folds, config)
+
+    assays = np.unique(pairs["assay"].to_numpy())  # assays with at least one label left
+    site_of_assay = np.full(len(labels.assay_names), -1)
+    order = np.random.default_rng(config.seed).permutation(len(assays))
+    site_of_assay[assays[order]] = np.arange(len(assays)) % len(config.sites)
+
+    site_tasks = {site: [] for site in config.sites}
+    for index, task in enumerate(tasks):
+        if stats["train"][index]:
+            site_tasks[config.sites[site_of_assay[task.assay]]].append(index)
+    for site, indices in site_tasks.items():
+        if not indices:
+            raise UserError(
+                f"Site '{site}' has no task with {config.min_train_actives} actives and "
+                f"{config.min_train_inactives} inactives; use fewer partners or a lower training quorum."
+            )
+
+    source = {"path": str(input_path), "sha256": _sha256(path)}
+    x_all = _fingerprint_matrix(fingerprints, config.n_bits)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"Output path '{out_dir}' exists and is not a directory.")
+    site_summaries = {}
+    for site, indices in site_tasks.items():
+        site_summaries[site] = _write_site(
+            out / site,
+            site,
+            [tasks[i] for i in indices],
+            stats.loc[indices],
+            x_all,
+            folds,
+            compounds,
+            labels.assay_names,
+            config,
+            source,
+        )
+        s = site_summaries[site]
+        say(
+            f"{site}: {s['compounds']} compounds, {s['tasks']} tasks ({s['tasks_eval']} evaluable), "
+            f"{s['labels']} labels"
+        )
+
+    in_sites = np.unique(np.concatenate([tasks[i].compound for ids in site_tasks.values() for i in ids]))
+    summary = {
+        "format_version": FORMAT_VERSION,
+        "input": source,
+        "format": fmt,
+        "rows_read": int(len(labels.row_smiles)),
+        "skipped": {
+            key: counts[key]
+            for key in (
+                "invalid_smiles",
+                "empty_smiles",
+                "too_large",
+                "non_numeric_values",
+                "empty_rows",
+                "invalid_qualifiers",
+            )
+        },
+        "rows_beyond_max_compounds": counts["rows_beyond_max_compounds"],
+        "duplicates_merged": duplicates_merged,
+        "ignored_columns": labels.ignored_columns,
+        "empty_columns": labels.empty_columns,
+        "compounds": len(compounds),
+        "compounds_in_sites": int(len(in_sites)),
+        "assays": int(len(assays)),
+        "binary_assays": int(labels.assay_binary[assays].sum()),
+        "labels": int(sum(len(t.label) for t in tasks)),
+        "tasks_total": len(tasks),
+        "tasks_train_quorum": int(stats["train"].sum()),
+        "tasks_eval_quorum": int(stats["evaluate"].sum()),
+        "sites": site_summaries,
+        "config": {
+            **{k: v for k, v in asdict(config).items() if k != "fold_secret"},
+            "thresholds": sorted(config.thresholds),
+        },
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    say(
+        f"prepared {summary['compounds']} compounds, {summary['tasks_train_quorum']} of "
+        f"{summary['tasks_total']} tasks pass the training quorum, in {summary['seconds']} s -> {out_dir}"
+    )
+    return summary
+
+
+def _validate_config(config: PrepareConfig) -> None:
+    sites = list(config.sites)
+    if not sites:
+        raise UserError("Give at least one site name.")
+    if len(set(sites)) != len(sites):
+        raise UserError(f"Site names must be distinct, got {', '.join(sites)}.")
+    for site in sites:
+        if not site or site in (".", "..") or not all(ch.isalnum() or ch in "-_." for ch in site):
+            raise UserError(f"Site name '{site}' may only use letters, digits, '-', '_' and '.'.")
+    if config.fmt not in ("auto", "wide", "long"):
+        raise UserError(f"Input format must be 'auto', 'wide' or 'long', got '{config.fmt}'.")
+    thresholds = list(config.thresholds)
+    if not thresholds:
+        raise UserError("Give at least one activity threshold.")
+    if not all(np.isfinite(t) for t in thresholds) or len(set(thresholds)) != len(thresholds):
+        raise UserError(f"Thresholds must be distinct finite numbers, got {thresholds}.")
+    if not 2 <= config.n_folds <= 127:
+        raise UserError(f"The number of folds must be between 2 and 127, got {config.n_folds}.")
+    if not 0 <= config.test_fold < config.n_folds:
+        raise UserError(f"The test fold must be between 0 and {config.n_folds - 1}, got {config.test_fold}.")
+    if config.n_bits < 1 or config.radius < 0:
+        raise UserError("The fingerprint needs at least 1 bit and a radius of at least 0.")
+    quorum = (
+        config.min_train_actives,
+        config.min_train_inactives,
+        config.min_eval_actives,
+        config.min_eval_inactives,
+    )
+    if min(quorum) < 0:
+        raise UserError("Quorum counts cannot be negative.")
+    if config.max_compounds is not None and config.max_compounds < 1:
+        raise UserError(f"max_compounds must be at least 1, got {config.max_compounds}.")
+    if not config.fold_secret:
+        raise UserError("The fold secret cannot be empty.")
+
+
+def _resolve_input(input_path: str, say: Callable[[str], None]) -> Path:
+    if str(input_path).startswith(("http://", "https://")):
+        return _download(str(input_path), say)
+    path = Path(input_path).expanduser()
+    if not path.exists():
+        raise UserError(f"Input file '{input_path}' does not exist.")
+    if not path.is_file():
+        raise UserError(f"Input '{input_path}' is not a file.")
+    return path
+
+
+def _download(url: str, say: Callable[[str], None]) -> Path:
+    """Download once into ~/.cache/pharmafl/ and reuse; the URL's hash keeps equal file names apart."""
+    name = Path(urllib.parse.urlparse(url).path).name or "download.csv"
+    target = Path.home() / ".cache" / "pharmafl" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+    if target.is_file():
+        say(f"using cached download {target}")
+        return target
+    partial = target.with_name(target.name + ".part")
+    say(f"downloading {url} -> {target}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out)
+        partial.replace(target)
+    except (OSError, ValueError) as exc:  # URLError, HTTPError and timeouts are OSErrors
+        partial.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise UserError(
+            f"The download of '{url}' failed ({reason}); download it yourself and pass the local file."
+        ) from None
+    return target
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"  # by content, so cached downloads need no extension
+    try:
+        # dtype=str and no NA parsing: every cell stays text, so nothing is coerced behind our back.
+        frame = pd.read_csv(
+            path,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            compression="gzip" if gzipped else "infer",
+        )
+    except pd.errors.EmptyDataError:
+        raise UserError(f"Input file '{path}' is empty.") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as exc:
+        raise UserError(f"Could not read '{path}' as a CSV file ({str(exc).strip()[:200]}).") from None
+    if len(frame) == 0:
+        raise UserError(f"Input file '{path}' has a header but no data rows.")
+    frame.columns = [str(c).strip() for c in frame.columns]
+    return frame
+
+
+def _detect_format(frame: pd.DataFrame, config: PrepareConfig) -> str:
+    columns = set(frame.columns)
+    if config.fmt == "auto":
+        return "long" if {"task", "value"} <= columns else "wide"
+    if config.fmt == "long" and not {"task", "value"} <= columns:
+        missing = sorted({"task", "value"} - columns)
+        raise UserError(f"Long format needs columns smiles, task and value; missing {', '.join(missing)}.")
+    return config.fmt
+
+
+def _find_smiles_column(frame: pd.DataFrame, smiles_col: str, say: Callable[[str], None]) -> str:
+    if smiles_col in frame.columns:
+        return smiles_col
+    matches = [c for c in frame.columns if c.lower() == smiles_col.lower()]
+    if len(matches) == 1:
+        say(f"note: using column '{matches[0]}' as the SMILES column")
+        return matches[0]
+    shown = ", ".join(f"'{c}'" for c in list(frame.columns)[:8])
+    more = f" and {frame.shape[1] - 8} more" if frame.shape[1] > 8 else ""
+    raise UserError(f"SMILES column '{smiles_col}' not found; available columns are {shown}{more}.")
+
+
+def _parse_numbers(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, missing) for text cells; non-numeric cells are NaN and not missing."""
+    text = pd.Series(cells, dtype=object).str.strip()
+    missing = (text.isna() | text.str.lower().isin(MISSING_TOKENS)).to_numpy()
+    values = pd.to_numeric(text.where(~missing), errors="coerce").to_numpy(dtype=np.float64, copy=True)
+    values[~np.isfinite(values)] = np.nan  # "inf" parses, but is no activity
+    return values, missing
+
+
+def _empty_smiles(smiles: np.ndarray) -> np.ndarray:
+    return ~pd.Series(smiles, dtype=object).str.strip().fillna("").astype(bool).to_numpy()
+
+
+def _parse_wide(frame: pd.DataFrame, smiles_col: str, say: Callable[[str], None]) -> _Labels:
+    """One column per assay; entirely non-numeric columns (ids, names) are ignored with a note."""
+    columns = [c for c in frame.columns if c != smiles_col]
+    cells = frame[columns].to_numpy(dtype=object)
+    rows, cols = np.nonzero(cells != "")  # only non-empty cells are parsed: the table is mostly empty
+    values, missing = _parse_numbers(cells[rows, cols])
+    rows, cols, values = rows[~missing], cols[~missing], values[~missing]
+    numeric = ~np.isnan(values)
+    present_count = np.bincount(cols, minlength=len(columns))
+    numeric_count = np.bincount(cols[numeric], minlength=len(columns))
+    non_binary = np.bincount(cols[numeric & (values != 0) & (values != 1)], minlength=len(columns))
+
+    ignored = [columns[c] for c in np.flatnonzero((present_count > 0) & (numeric_count == 0))]
+    for name in ignored:
+        say(f"note: ignoring column '{name}': it holds no numeric values")
+    if (present_count == 0).any():
+        say(f"note: {int((present_count == 0).sum())} columns hold no values at all")
+    label_columns = np.flatnonzero(numeric_count > 0)
+    assay_of_column = np.full(len(columns), -1)
+    assay_of_column[label_columns] = np.arange(len(label_columns))
+
+    row_smiles = frame[smiles_col].to_numpy(dtype=object)
+    empty_smiles = _empty_smiles(row_smiles)
+    has_label = np.bincount(rows[numeric], minlength=len(frame)) > 0
+    counts = {
+        "empty_smiles": int(empty_smiles.sum()),
+        "empty_rows": int((~empty_smiles & ~has_label).sum()),
+        # cells of ignored columns are not values; cells of numeric columns that do not parse are
+        "non_numeric_values": int((~numeric & (numeric_count[cols] > 0)).sum()),
+        "invalid_qualifiers": 0,
+    }
+    return _Labels(
+        row_smiles=row_smiles,
+        usable_rows=~empty_smiles & has_label,
+        row=rows[numeric],
+        assay=assay_of_column[cols[numeric]],
+        value=values[numeric],
+        qualifier=np.full(int(numeric.sum()), EXACT, dtype=np.int8),
+        assay_names=[columns[c] for c in label_columns],
+        assay_binary=non_binary[label_columns] == 0,
+        counts=counts,
+        ignored_columns=ignored,
+        empty_columns=[columns[c] for c in np.flatnonzero(present_count == 0)],
+    )
+
+
+def _parse_long(frame: pd.DataFrame, smiles_col: str) -> _Labels:
+    """Rows of smiles, task, value[, qualifier]; each row is at most one measurement."""
+    row_smiles = frame[smiles_col].to_numpy(dtype=object)
+    empty_smiles = _empty_smiles(row_smiles)
+    task = frame["task"].str.strip().fillna("").to_numpy(dtype=object)
+    values, missing = _parse_numbers(frame["value"].to_numpy(dtype=object))
+    if "qualifier" in frame.columns:
+        qualifier_text = frame["qualifier"].str.strip().fillna("")
+    else:
+        qualifier_text = pd.Series("", index=frame.index)
+    qualifier = qualifier_text.map(QUALIFIERS).to_numpy()
+
+    empty = ~empty_smiles & ((task == "") | missing)
+    non_numeric = ~empty_smiles & ~empty & np.isnan(values)
+    bad_qualifier = ~empty_smiles & ~empty & ~non_numeric & pd.isna(qualifier)
+    usable = ~(empty_smiles | empty | non_numeric | bad_qualifier)
+    counts = {
+        "empty_smiles": int(empty_smiles.sum()),
+        "empty_rows": int(empty.sum()),
+        "non_numeric_values": int(non_numeric.sum()),
+        "invalid_qualifiers": int(bad_qualifier.sum()),
+    }
+    rows = np.flatnonzero(usable)
+    assay_names = list(pd.unique(task[rows]))
+    assay = pd.Index(assay_names).get_indexer(task[rows])
+    qualifier = qualifier[rows].astype(np.int8)
+    values = values[rows]
+    not_binary = (qualifier != EXACT) | ((values != 0) & (values != 1))
+    return _Labels(
+        row_smiles=row_smiles,
+        usable_rows=usable,
+        row=rows,
+        assay=assay,
+        value=values,
+        qualifier=qualifier,
+        assay_names=assay_names,
+        assay_binary=np.bincount(assay[not_binary], minlength=len(assay_names)) == 0,
+        counts=counts,
+    )
+
+
+def _featurize(labels: _Labels, config: PrepareConfig, say: Callable[[str], None]):
+    """Standardise, fingerprint and scaffold each distinct SMILES once; returns per-row compound ids.
+
+    Fingerprints and scaffolds come from the canonical SMILES, not the input, so they depend only on the
+    structure: `ecfp_bits(smiles)` of a row of compounds.csv reproduces its row of X.
+    """
+    unique = pd.unique(labels.row_smiles[labels.usable_rows])
+    total = len(unique) if config.max_compounds is None else min(len(unique), config.max_compounds)
+    outcome: dict[str, int | str] = {}  # raw SMILES -> compound index or rejection reason
+    index_of: dict[str, int] = {}
+    compounds: list[str] = []
+    fingerprints: list[np.ndarray] = []
+    scaffolds: list[str] = []
+    for done, smiles in enumerate(unique, start=1):
+        canonical, reason = standardize_with_reason(smiles, config.max_heavy_atoms)
+        if canonical is None:
+            outcome[smiles] = reason
+        elif canonical in index_of:
+            outcome[smiles] = index_of[canonical]
+        else:
+            if config.max_compounds is not None and len(compounds) >= config.max_compounds:
+                break
+            mol = Chem.MolFromSmiles(canonical)
+            index_of[canonical] = outcome[smiles] = len(compounds)
+            compounds.append(canonical)
+            fingerprints.append(ecfp_bits(mol, config.radius, config.n_bits))
+            scaffolds.append(murcko_scaffold(mol))
+        if done % PROGRESS_EVERY == 0:
+            say(f"featurising {done}/{total} compounds")
+
+    row_compound = np.full(len(labels.row_smiles), -1, dtype=np.int64)
+    counts = {"invalid_smiles": 0, "too_large": 0, "rows_beyond_max_compounds": 0}
+    for row in np.flatnonzero(labels.usable_rows):
+        result = outcome.get(labels.row_smiles[row], "rows_beyond_max_compounds")
+        if isinstance(result, str):
+            counts[result] += 1
+        else:
+            row_compound[row] = result
+    return row_compound, compounds, fingerprints, scaffolds, counts
+
+
+def _merge_duplicates(compound, assay, value, qualifier, assay_binary) -> pd.DataFrame:
+    """One row per (compound, assay): exact = median of "=" values (max for binary assays).
+
+    Without an exact value, lower = the largest ">" bound and upper = the smallest "<" bound.
+    """
+    frame = pd.DataFrame({"compound": compound, "assay": assay, "value": value})
+    keys = ["compound", "assay"]
+    exact = frame[qualifier == EXACT]
+    binary = assay_binary[exact["assay"].to_numpy()]
+    merged = (
+        pd.concat(
+            [
+                pd.concat(
+                    [
+                        exact[~binary].groupby(keys)["value"].median(),
+                        exact[binary].groupby(keys)["value"].max(),
+                    ]
+                ).rename("exact"),
+                frame[qualifier == ABOVE].groupby(keys)["value"].max().rename("lower"),
+                frame[qualifier == BELOW].groupby(keys)["value"].min().rename("upper"),
+            ],
+            axis=1,
+        )
+        .sort_index(level=["assay", "compound"])
+        .reset_index()
+    )
+    has_exact = merged["exact"].notna()
+    merged.loc[has_exact, ["lower", "upper"]] = np.nan  # a measurement beats a bound
+    return merged
+
+
+def _threshold_tasks(
+    pairs: pd.DataFrame, assay_binary: np.ndarray, assay_names: list[str], thresholds: tuple[float, ...]
+) -> list[_Task]:
+    """Binary assays -> one task; continuous assays -> one task per threshold (active iff value >= t)."""
+    tasks = []
+    for assay, group in pairs.groupby("assay", sort=True):
+        compound = group["compound"].to_numpy()
+        exact, lower, upper = (group[c].to_numpy() for c in ("exact", "lower", "upper"))
+        if assay_binary[assay]:
+            label = np.where(exact >= 1, 1, -1).astype(np.int8)
+            tasks.append(_Task(assay_names[assay], int(assay), None, compound, label, np.full(len(label), np.nan)))
+            continue
+        measured = ~np.isnan(exact)
+        for threshold in sorted(thresholds):
+            # NaN comparisons are False, so a missing bound says nothing; a conflict (> t and < t) sums to 0
+            censored = (lower >= threshold).astype(np.int8) - (upper < threshold).astype(np.int8)
+            label = np.where(measured, np.where(exact >= threshold, 1, -1), censored).astype(np.int8)
+            keep = label != 0
+            if keep.any():
+                tasks.append(
+                    _Task(
+                        f"{assay_names[assay]}@{threshold:g}",
+                        int(assay),
+                        float(threshold),
+                        compound[keep],
+                        label[keep],
+                        exact[keep],
+                    )
+                )
+    return tasks
+
+
+def _task_statistics(tasks: list[_Task], folds: np.ndarray, config: PrepareConfig) -> pd.DataFrame:
+    rows = []
+    for task in tasks:
+        test = folds[task.compound] == config.test_fold
+        rows.append(
+            {
+                "actives": int((task.label > 0).sum()),
+                "inactives": int((task.label < 0).sum()),
+                "test_actives": int((task.label[test] > 0).sum()),
+                "test_inactives": int((task.label[test] < 0).sum()),
+            }
+        )
+    stats = pd.DataFrame(rows, columns=["actives", "inactives", "test_actives", "test_inactives"])
+    stats["train"] = (stats["actives"] >= config.min_train_actives) & (stats["inactives"] >= config.min_train_inactives)
+    stats["evaluate"] = (
+        stats["train"]
+        & (stats["test_actives"] >= config.min_eval_actives)
+        & (stats["test_inactives"] >= config.min_eval_inactives)
+    )
+    return stats
+
+
+def _fingerprint_matrix(fingerprints: list[np.ndarray], n_bits: int) -> sp.csr_matrix:
+    lengths = np.array([len(f) for f in fingerprints], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate(fingerprints) if fingerprints else np.zeros(0, dtype=np.int32)
+    data = np.ones(len(indices), dtype=np.float32)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(fingerprints), n_bits))
+
+
+def _write_site(
+    folder: Path,
+    site: str,
+    tasks: list[_Task],
+    stats: pd.DataFrame,
+    x_all: sp.csr_matrix,
+    folds: np.ndarray,
+    compounds: list[str],
+    assay_names: list[str],
+    config: PrepareConfig,
+    source: dict,
+) -> dict:
+    """Write one partner's folder; rows are the compounds with a label on one of its tasks."""
+    rows = np.unique(np.concatenate([t.compound for t in tasks]))
+    position = [np.searchsorted(rows, t.compound) for t in tasks]
+    column = [np.full(len(t.compound), j) for j, t in enumerate(tasks)]
+    shape = (len(rows), len(tasks))
+    label = np.concatenate([t.label for t in tasks])
+    y = sp.csr_matrix((label, (np.concatenate(position), np.concatenate(column))), shape=shape, dtype=np.int8)
+    # Only exact measurements carry a value; explicit zeros stay stored, so the pattern marks what exists.
+    value = np.concatenate([t.value for t in tasks])
+    has_value = ~np.isnan(value)
+    values = sp.csr_matrix(
+        (
+            value[has_value].astype(np.float32),
+            (np.concatenate(position)[has_value], np.concatenate(column)[has_value]),
+        ),
+        shape=shape,
+        dtype=np.float32,
+    )
+    table = pd.DataFrame(
+        {
+            "task_id": [t.task_id for t in tasks],
+            "assay": [assay_names[t.assay] for t in tasks],
+            "threshold": [t.threshold for t in tasks],
+            "actives": stats["actives"].to_numpy(),
+            "inactives": stats["inactives"].to_numpy(),
+            "test_actives": stats["test_actives"].to_numpy(),
+            "test_inactives": stats["test_inactives"].to_numpy(),
+            "evaluate": stats["evaluate"].to_numpy(dtype=bool),
+        }
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sp.save_npz(folder / "X.npz", x_all[rows])
+    sp.save_npz(folder / "Y.npz", y)
+    sp.save_npz(folder / "values.npz", values)
+    np.save(folder / "folds.npy", folds[rows])
+    table.to_csv(folder / "tasks.csv", index=False)
+    pd.DataFrame({"smiles": [compounds[i] for i in rows]}).to_csv(folder / "compounds.csv", index=False)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "site": site,
+        "n_compounds": int(len(rows)),
+        "n_tasks": len(tasks),
+        "n_tasks_evaluate": int(table["evaluate"].sum()),
+        "n_labels": int(y.nnz),
+        "n_bits": config.n_bits,
+        "radius": config.radius,
+        "n_folds": config.n_folds,
+        "test_fold": config.test_fold,
+        "thresholds": sorted(config.thresholds),
+        "quorum": {
+            "min_train_actives": config.min_train_actives,
+            "min_train_inactives": config.min_train_inactives,
+            "min_eval_actives": config.min_eval_actives,
+            "min_eval_inactives": config.min_eval_inactives,
+        },
+        "source": source,
+        "sha256": {name: _sha256(folder / name) for name in SITE_FILES},
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return {
+        "compounds": manifest["n_compounds"],
+        "tasks": manifest["n_tasks"],
+        "tasks_eval": manifest["n_tasks_evaluate"],
+        "labels": manifest["n_labels"],
+        "assays": int(table["assay"].nunique()),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,128 @@
+"""FedAvg aggregator that validates every contribution before it can touch the global model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.aggregator import Aggregator
+from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
+
+from pharmafl.aggregation.weighted_mean import shapes_of, update_problem, weighted_mean
+
+CONTRIBUTIONS_LOG = "contributions.jsonl"
+
+
+class FedAvgAggregator(Aggregator):
+    def __init__(self, expected_data_kind: str = DataKind.WEIGHT_DIFF, weigh_by_local_steps: bool = True):
+        """Weighted mean of the clients' updates.
+
+        A contribution is rejected, logged and excluded when it comes from a stale round, is a
+        second contribution from the same site in one round, or has missing/extra keys, wrong
+        shapes or NaN/Inf values. Every contribution (accepted or not) is recorded, with the keys
+        it carried, in ``<run_dir>/contributions.jsonl``: the server-side record of what it received.
+
+        Args:
+            expected_data_kind: ``WEIGHT_DIFF`` (default) or ``WEIGHTS``.
+            weigh_by_local_steps: weigh by the number of local steps each client reports
+                (``MetaKey.NUM_STEPS_CURRENT_ROUND``); otherwise all clients weigh the same.
+        """
+        super().__init__()
+        if expected_data_kind not in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS):
+            raise ValueError(f"expected_data_kind must be WEIGHT_DIFF or WEIGHTS, got {expected_data_kind!r}")
+        self.expected_data_kind = expected_data_kind
+        self.weigh_by_local_steps = weigh_by_local_steps
+        self._updates: dict[str, tuple[dict[str, np.ndarray], float]] = {}
+        self.rejections: list[dict] = []
+
+    def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
+        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        contribution_round = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
+        try:
+            dxo = from_shareable(shareable)
+        except Exception as err:  # a malformed payload is the client's fault, never the server's crash
+            return self._reject(fl_ctx, site, contribution_round, [], f"not a DXO ({err})")
+        keys = sorted(dxo.data) if isinstance(dxo.data, dict) else []
+        if current_round is not None and contribution_round != current_round:
+            return self._reject(
+                fl_ctx,
+                site,
+                contribution_round,
+                keys,
+                f"stale round {contribution_round} (current {current_round})",
+            )
+        if site in self._updates:
+            return self._reject(fl_ctx, site, contribution_round, keys, "second contribution in this round")
+        if dxo.data_kind != self.expected_data_kind:
+            return self._reject(
+                fl_ctx,
+                site,
+                contribution_round,
+                keys,
+                f"data kind {dxo.data_kind}, expected {self.expected_data_kind}",
+            )
+        problem = update_problem(dxo.data, self._expected_shapes(fl_ctx))
+        if problem:
+            return self._reject(fl_ctx, site, contribution_round, keys, problem)
+        weight = 1.0
+        if self.weigh_by_local_steps:
+            weight = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+                return self._reject(fl_ctx, site, contribution_round, keys, f"invalid weight {weight!r}")
+        self._updates[site] = (dxo.data, float(weight))
+        self._record(fl_ctx, site, contribution_round, keys, accepted=True, weight=float(weight))
+        self.log_info(fl_ctx, f"accepted {site} round {contribution_round}: {len(keys)} arrays, weight {weight}")
+        return True
+
+    def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        if not self._updates:
+            # An empty update leaves the global model exactly as it was.
+            self.log_warning(fl_ctx, f"round {current_round}: no valid contribution; the global model is unchanged")
+            return DXO(data_kind=self.expected_data_kind, data={}).to_shareable()
+        sites = sorted(self._updates)
+        mean = weighted_mean([self._updates[s][0] for s in sites], [self._updates[s][1] for s in sites])
+        total = sum(self._updates[s][1] for s in sites)
+        self.log_info(fl_ctx, f"round {current_round}: aggregated {len(sites)} contributions from {sites}")
+        return DXO(
+            data_kind=self.expected_data_kind, data=mean, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: total}
+        ).to_shareable()
+
+    def reset(self, fl_ctx: FLContext) -> None:
+        self._updates = {}
+
+    def _expected_shapes(self, fl_ctx: FLContext) -> dict | None:
+        global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        if global_model is not None and global_model.get(ModelLearnableKey.WEIGHTS):
+            return shapes_of(global_model[ModelLearnableKey.WEIGHTS])
+        if self._updates:  # no global model in context: the first accepted update sets the shape
+            return shapes_of(next(iter(self._updates.values()))[0])
+        return None
+
+    def _reject(self, fl_ctx: FLContext, site: str, contribution_round, keys: list, reason: str) -> bool:
+        self.log_error(fl_ctx, f"rejected contribution from {site} (round {contribution_round}): {reason}")
+        self.rejections.append({"site": site, "round": contribution_round, "reason": reason})
+        self._record(fl_ctx, site, contribution_round, keys, accepted=False, reason=reason)
+        return False
+
+    def _record(self, fl_ctx: FLContext, site: str, contribution_round, keys: list, **fields) -> None:
+        engine = fl_ctx.get_engine()
+        job_id = fl_ctx.get_job_id()
+        if engine is None or job_id is None:
+            return
+        try:
+            run_dir = engine.get_workspace().get_run_dir(job_id)
+        except Exception:  # no workspace (unit tests with a bare engine): skip the file record
+            return
+        entry = {"time": time.time(), "site": site, "round": contribution_round, "keys": keys, **fields}
+        with open(os.path.join(run_dir, CONTRIBUTIONS_LOG), "a") as f:
+            f.write(json.dumps(entry) + "\n")

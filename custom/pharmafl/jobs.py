@@ -1,0 +1,121 @@
+"""Reading and adapting the FLARE job folders under jobs/ (pure JSON, no nvflare imports)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pharmafl.errors import UserError
+
+SERVER_CONFIG = "app/config/config_fed_server.json"
+CLIENT_CONFIG = "app/config/config_fed_client.json"
+
+
+def repo_root() -> Path:
+    """The checkout that holds jobs/ and poc_workspace/ (the package lives in <repo>/custom/pharmafl)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as err:
+        raise UserError(f"'{path}' does not exist; is this a FLARE job folder?") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from err
+
+
+def job_configs(job_dir: str | Path) -> tuple[dict, dict]:
+    job = Path(job_dir)
+    if not job.is_dir():
+        raise UserError(f"Job folder '{job}' does not exist.")
+    return read_json(job / SERVER_CONFIG), read_json(job / CLIENT_CONFIG)
+
+
+def find_component(config: dict, component_id: str) -> dict:
+    for section in ("components", "workflows"):
+        for component in config.get(section, []):
+            if component.get("id") == component_id:
+                return component
+    for entry in config.get("executors", []):
+        if entry.get("executor", {}).get("id") == component_id:
+            return entry["executor"]
+    raise UserError(f"the job config has no component with id '{component_id}'")
+
+
+def executor_args(job_dir: str | Path) -> dict:
+    return dict(find_component(job_configs(job_dir)[1], "executor").get("args", {}))
+
+
+def write_job_copy(
+    job_dir: str | Path,
+    out_dir: str | Path,
+    num_rounds: int | None = None,
+    min_clients: int | None = None,
+    executor_overrides: dict | None = None,
+) -> Path:
+    """Copy a job folder, changing the server's top-level variables and executor arguments."""
+    job = Path(job_dir)
+    server, client = job_configs(job)
+    out = Path(out_dir) / job.name
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(job, out)
+    if num_rounds is not None:
+        if num_rounds <= 0:
+            raise UserError(f"--rounds must be positive, got {num_rounds}")
+        server["num_rounds"] = num_rounds
+    if min_clients is not None:
+        server["min_clients"] = min_clients
+        meta = read_json(out / "meta.json")
+        meta["min_clients"] = min_clients
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if executor_overrides:
+        find_component(client, "executor").setdefault("args", {}).update(executor_overrides)
+    (out / SERVER_CONFIG).write_text(json.dumps(server, indent=2) + "\n")
+    (out / CLIENT_CONFIG).write_text(json.dumps(client, indent=2) + "\n")
+    return out
+
+
+def site_local_dir() -> Path:
+    """The site ``local/`` files every site needs (FLARE 2.9's component allow-list admitting pharmafl.)."""
+    path = repo_root() / "poc_workspace" / "local"
+    if not (path / "resources.json").is_file():
+        raise UserError(f"site local files not found at '{path}'; run pharmafl from its checkout")
+    return path
+
+
+def prepared_sites(data_dir: str | Path) -> list[str]:
+    """Site folders (those with a manifest.json) of a prepared data folder, sorted."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"Data folder '{root}' does not exist; run `pharmafl prepare` first.")
+    sites = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
+    if not sites:
+        raise UserError(f"'{root}' holds no prepared site folders (no */manifest.json).")
+    return sites
+
+
+def resolve_placeholder(value, config: dict):
+    """Resolve a FLARE ``"{var}"`` reference to a top-level config variable."""
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
+        return config.get(value[1:-1], value)
+    return value
+
+
+def server_setting(job_dir: str | Path, name: str):
+    server, _ = job_configs(job_dir)
+    return server.get(name)
+
+
+def trunk_model_args(job_dir: str | Path) -> dict:
+    server, _ = job_configs(job_dir)
+    return dict(find_component(server, "persistor")["args"]["model"]["args"])
+
+
+def ensure_dir(path: str | Path) -> Path:
+    os.makedirs(path, exist_ok=True)
+    return Path(path)

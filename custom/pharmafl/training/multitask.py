@@ -1,0 +1,143 @@
+"""The one local training loop for the multi-task trunk/head model.
+
+Used by the FLARE executor (one call per round), by the single-partner baseline and by the
+benchmarks, so the federated and single-partner numbers come from identical training code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from pharmafl.chem.dataset import SiteData
+from pharmafl.metrics import per_task_auc, summarize
+from pharmafl.models.multitask import MultiTaskNet
+
+
+@dataclass
+class TrainConfig:
+    """Local training hyperparameters (job arguments of the executor, flags of the baseline)."""
+
+    hidden_sizes: Sequence[int] = (400,)
+    dropout: float = 0.2
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    local_epochs: int = 1
+    validation_fold: int = 1
+    seed: int = 0
+    eval_min_actives: int = 5
+    eval_min_inactives: int = 5
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.local_epochs <= 0:
+            raise ValueError("batch_size and local_epochs must be positive")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+def sparse_batch(X: sparse.csr_matrix, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """EmbeddingBag inputs (flat on-bit indices, per-row offsets) for the given rows."""
+    block = X[rows]
+    indices = torch.from_numpy(block.indices.astype(np.int64))
+    offsets = torch.from_numpy(block.indptr[:-1].astype(np.int64))
+    return indices, offsets
+
+
+class MultiTaskTrainer:
+    """Holds one partner's model and optimizer; trains epochs and evaluates folds."""
+
+    def __init__(self, data: SiteData, config: TrainConfig, hidden_sizes: Sequence[int] | None = None):
+        self.data = data
+        self.config = config
+        test_fold = int(data.manifest.get("test_fold", 0))
+        if config.validation_fold == test_fold:
+            raise ValueError(f"validation_fold {config.validation_fold} is the test fold; pick another fold")
+        self.test_fold = test_fold
+        self.train_rows = data.rows_in_folds(
+            f for f in np.unique(data.folds) if f not in (test_fold, config.validation_fold)
+        )
+        if len(self.train_rows) == 0:
+            raise ValueError(f"site at {data.path} has no training compounds outside the test/validation folds")
+        torch.manual_seed(config.seed)
+        self.model = MultiTaskNet(data.n_features, data.n_tasks, hidden_sizes or config.hidden_sizes, config.dropout)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.rng = np.random.default_rng(config.seed)
+        self.epochs_done = 0
+
+    def train(
+        self,
+        epochs: int | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[str], None] | None = None,
+    ) -> int:
+        """Train ``epochs`` epochs (default: config.local_epochs) over the training folds; returns steps."""
+        self.model.train()
+        steps = 0
+        labels = self.data.Y
+        for _ in range(epochs or self.config.local_epochs):
+            order = self.rng.permutation(self.train_rows)
+            total_loss, n_batches = 0.0, math.ceil(len(order) / self.config.batch_size)
+            for start in range(0, len(order), self.config.batch_size):
+                if should_stop():
+                    return steps
+                rows = order[start : start + self.config.batch_size]
+                indices, offsets = sparse_batch(self.data.X, rows)
+                y = torch.from_numpy(labels[rows].toarray().astype(np.float32))
+                observed = y != 0
+                logits = self.model(indices, offsets)
+                # BCE on observed labels only: unmeasured compound/task pairs carry no signal.
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[observed], (y[observed] > 0).float())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                total_loss += float(loss.detach())
+                steps += 1
+            self.epochs_done += 1
+            if progress:
+                progress(f"epoch {self.epochs_done}: mean loss {total_loss / max(n_batches, 1):.4f}")
+        return steps
+
+    @torch.no_grad()
+    def predict(self, rows: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+        """Active probabilities (rows x tasks)."""
+        self.model.eval()
+        out = []
+        for start in range(0, len(rows), batch_size):
+            indices, offsets = sparse_batch(self.data.X, rows[start : start + batch_size])
+            out.append(torch.sigmoid(self.model(indices, offsets)).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.data.n_tasks), dtype=np.float32)
+
+    def evaluate(self, fold: int | None = None) -> dict:
+        """Mean and per-task AUC-ROC / AUC-PR on one fold (default: the test fold)."""
+        fold = self.test_fold if fold is None else fold
+        rows = self.data.rows_in_folds([fold])
+        per_task = per_task_auc(
+            self.data.Y[rows].toarray(),
+            self.predict(rows),
+            list(self.data.tasks["task_id"]),
+            self.config.eval_min_actives,
+            self.config.eval_min_inactives,
+        )
+        return {**summarize(per_task), "per_task": per_task}
+
+    def trunk_weights(self) -> dict[str, np.ndarray]:
+        return self.model.trunk_state()
+
+    def load_trunk(self, weights: Mapping[str, np.ndarray]) -> None:
+        self.model.load_trunk(weights)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return self.model.head_state()
+
+    def load_head(self, state: Mapping[str, torch.Tensor]) -> None:
+        missing = self.model.load_state_dict(dict(state), strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"unexpected head keys {missing.unexpected_keys}")

@@ -1,0 +1,365 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from pharmafl.chem.dataset import load_site
+from pharmafl.chem.prepare import PrepareConfig, prepare_chem
+from pharmafl.chem.standardize import ecfp_bits, fold_for_scaffold, murcko_scaffold, standardize_smiles
+from pharmafl.errors import UserError
+
+ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
+IBUPROFEN = "CC(C)Cc1ccc(C(C)C(=O)O)cc1"
+SITE_FILES = {"X.npz", "Y.npz", "values.npz", "folds.npy", "tasks.csv", "compounds.csv", "manifest.json"}
+NO_QUORUM = dict(min_train_actives=0, min_train_inactives=0, min_eval_actives=0, min_eval_inactives=0)
+
+
+# --- standardisation, fingerprints, folds -------------------------------------------------------------
+
+
+def test_standardize_strips_salt_neutralises_and_canonicalises():
+    assert standardize_smiles("CC(=O)Oc1ccccc1C(=O)[O-].[Na+]") == ASPIRIN
+    assert standardize_smiles("C[NH3+].[Cl-]") == "CN"
+    assert standardize_smiles("OC(=O)c1ccccc1OC(C)=O") == ASPIRIN
+    assert standardize_smiles("OCC") == standardize_smiles("C(O)C") == "CCO"
+
+
+@pytest.mark.parametrize("smiles", ["", "   ", "not_a_smiles", "C1CC", "c1cccc1"])
+def test_standardize_rejects_invalid(smiles):
+    assert standardize_smiles(smiles) is None
+
+
+def test_standardize_rejects_too_many_heavy_atoms():
+    assert standardize_smiles("C" * 101) is None
+    assert standardize_smiles("C" * 101, max_heavy_atoms=101) == "C" * 101
+
+
+def test_ecfp_bits_deterministic_sorted_and_in_range():
+    bits = ecfp_bits(IBUPROFEN, radius=3, n_bits=1024)
+    assert bits.dtype == np.int32
+    assert len(bits) > 5
+    assert np.all(np.diff(bits) > 0)
+    assert bits.min() >= 0 and bits.max() < 1024
+    assert np.array_equal(bits, ecfp_bits(IBUPROFEN, radius=3, n_bits=1024))
+    assert np.array_equal(ecfp_bits("CC(C)Cc1ccc(cc1)C(C)C(=O)O"), ecfp_bits(IBUPROFEN))
+    assert not np.array_equal(ecfp_bits(ASPIRIN), ecfp_bits(IBUPROFEN))
+    assert len(ecfp_bits(IBUPROFEN, radius=1)) < len(ecfp_bits(IBUPROFEN, radius=3))
+    with pytest.raises(UserError):
+        ecfp_bits("not_a_smiles")
+
+
+def test_murcko_scaffold():
+    assert murcko_scaffold(IBUPROFEN) == "c1ccccc1"
+    assert murcko_scaffold("CCO") == ""
+    assert murcko_scaffold("C[C@H]1CCCN1Cc1ccccc1") == murcko_scaffold("C[C@@H]1CCCN1Cc1ccccc1")
+
+
+def test_fold_is_deterministic_keyed_and_pinned():
+    assert fold_for_scaffold("c1ccccc1", "s3cret") == fold_for_scaffold("c1ccccc1", "s3cret")
+    # pinned: changing the scheme would silently break agreement between partners
+    assert fold_for_scaffold("c1ccccc1", "pharmafl-demo-secret", 5) == 2
+    assert fold_for_scaffold("c1ccc2ccccc2c1", "pharmafl-demo-secret", 5) == 4
+    scaffolds = [f"C1CC{'C' * i}1" for i in range(200)]
+    first = [fold_for_scaffold(s, "secret-a") for s in scaffolds]
+    second = [fold_for_scaffold(s, "secret-b") for s in scaffolds]
+    assert sum(a != b for a, b in zip(first, second, strict=True)) > 100  # about 4/5 differ
+
+
+def test_folds_roughly_uniform():
+    counts = Counter(fold_for_scaffold(f"scaffold-{i}", "secret", 5) for i in range(5000))
+    assert set(counts) == {0, 1, 2, 3, 4}
+    assert all(850 < n < 1150 for n in counts.values())
+
+
+# --- a small wide table with every kind of problem --------------------------------------------------
+
+WIDE_ROWS = [
+    # id, smiles, BIN, P1, P2, note
+    ("m0", ASPIRIN, "0", "6.0", "5.0", "parent"),
+    ("m1", "CC(=O)Oc1ccccc1C(=O)[O-].[Na+]", "1", "7.0", "", "sodium salt"),
+    ("m2", "OC(=O)c1ccccc1OC(C)=O", "0", "9.0", "", "written another way"),
+    ("m3", "not_a_smiles", "1", "", "", "invalid"),
+    ("m4", "", "", "6.0", "", "no structure"),
+    ("m5", "Cn1cnc2c1c(=O)n(C)c(=O)n2C", "", "", "", "no labels"),
+    ("m6", "CC(C)Cc1ccc(cc1)C(C)C(=O)O", "1", "abc", "4.0", "one bad cell"),
+    ("m7", "C" * 101, "", "5.0", "", "too large"),
+    ("m8", "CCO", "0", "8.0", "", "acyclic"),
+    ("m9", "C[NH3+].[Cl-]", "", "", "7.0", "charged salt"),
+    ("m10", "c1ccccc1", "", "", "n.d.", "only a bad cell"),
+]
+
+
+@pytest.fixture
+def wide_csv(tmp_path):
+    path = tmp_path / "wide.csv"
+    frame = pd.DataFrame(WIDE_ROWS, columns=["id", "smiles", "BIN", "P1", "P2", "note"])
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _labels(site_dir) -> dict:
+    """{(smiles, task_id): label} of a prepared site."""
+    data = load_site(str(site_dir))
+    smiles = pd.read_csv(site_dir / "compounds.csv")["smiles"]
+    coo = data.Y.tocoo()
+    cells = zip(coo.row, coo.col, coo.data, strict=True)
+    return {(smiles[r], data.tasks["task_id"][c]): int(v) for r, c, v in cells}
+
+
+def _values(site_dir) -> dict:
+    data = load_site(str(site_dir))
+    smiles = pd.read_csv(site_dir / "compounds.csv")["smiles"]
+    coo = data.values.tocoo()
+    cells = zip(coo.row, coo.col, coo.data, strict=True)
+    return {(smiles[r], data.tasks["task_id"][c]): float(v) for r, c, v in cells}
+
+
+def test_wide_counts_and_outputs(wide_csv, tmp_path):
+    messages = []
+    config = PrepareConfig(sites=["solo"], n_bits=2048, **NO_QUORUM)
+    summary = prepare_chem(str(wide_csv), str(tmp_path / "out"), config, progress=messages.append)
+
+    assert summary["rows_read"] == 11
+    assert summary["skipped"] == {
+        "invalid_smiles": 1,
+        "empty_smiles": 1,
+        "too_large": 1,
+        "non_numeric_values": 2,
+        "empty_rows": 2,
+        "invalid_qualifiers": 0,
+    }
+    assert summary["duplicates_merged"] == 2
+    assert summary["ignored_columns"] == ["id", "note"]
+    assert sum("'id'" in m for m in messages) == 1 and sum("'note'" in m for m in messages) == 1
+    assert summary["compounds"] == 4
+    assert summary["assays"] == 3 and summary["binary_assays"] == 1
+    assert summary["tasks_total"] == 7 and summary["tasks_train_quorum"] == 7
+    assert summary["sites"]["solo"]["labels"] == 18
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+
+    site = tmp_path / "out" / "solo"
+    assert {p.name for p in site.iterdir()} == SITE_FILES
+    X, Y, values = (sp.load_npz(site / f) for f in ("X.npz", "Y.npz", "values.npz"))
+    folds = np.load(site / "folds.npy")
+    assert X.format == Y.format == values.format == "csr"
+    assert X.dtype == values.dtype == np.float32
+    assert Y.dtype == folds.dtype == np.int8
+    assert X.shape == (4, 2048) and Y.shape == values.shape == (4, 7) and folds.shape == (4,)
+    assert set(np.unique(X.data)) == {1.0}
+    compounds = list(pd.read_csv(site / "compounds.csv")["smiles"])
+    assert compounds == [ASPIRIN, IBUPROFEN, "CCO", "CN"]
+    for row, smiles in enumerate(compounds):
+        assert np.array_equal(X[row].indices, ecfp_bits(smiles, 3, 2048))
+        assert folds[row] == fold_for_scaffold(murcko_scaffold(smiles), config.fold_secret, 5)
+
+    tasks = pd.read_csv(site / "tasks.csv")
+    assert list(tasks["task_id"]) == ["BIN", "P1@5.5", "P1@6.5", "P1@7.5", "P2@5.5", "P2@6.5", "P2@7.5"]
+    assert tasks["threshold"].isna().tolist() == [True] + [False] * 6
+    assert list(tasks.columns) == [
+        "task_id",
+        "assay",
+        "threshold",
+        "actives",
+        "inactives",
+        "test_actives",
+        "test_inactives",
+        "evaluate",
+    ]
+
+
+def test_wide_duplicates_merged_with_median_and_max(wide_csv, tmp_path):
+    prepare_chem(str(wide_csv), str(tmp_path / "out"), PrepareConfig(sites=["solo"], **NO_QUORUM), progress=None)
+    labels, values = _labels(tmp_path / "out" / "solo"), _values(tmp_path / "out" / "solo")
+    # aspirin: BIN max(0, 1, 0) = 1; P1 median(6, 7, 9) = 7 (the mean would be 7.33); P2 = 5
+    assert labels[ASPIRIN, "BIN"] == 1
+    assert [labels[ASPIRIN, f"P1@{t}"] for t in ("5.5", "6.5", "7.5")] == [1, 1, -1]
+    assert values[ASPIRIN, "P1@6.5"] == 7.0
+    assert [labels[ASPIRIN, f"P2@{t}"] for t in ("5.5", "6.5", "7.5")] == [-1, -1, -1]
+    # ibuprofen: its non-numeric P1 cell is missing, not a label
+    assert labels[IBUPROFEN, "BIN"] == 1 and (IBUPROFEN, "P1@5.5") not in labels
+    assert labels["CCO", "BIN"] == -1 and labels["CCO", "P1@7.5"] == 1
+    assert [labels["CN", f"P2@{t}"] for t in ("5.5", "6.5", "7.5")] == [1, 1, -1]
+    assert not any(task == "BIN" for _, task in values)  # binary tasks carry no continuous value
+    assert len(labels) == 18
+
+
+def test_fold_secret_never_written(wide_csv, tmp_path):
+    secret = "a-consortium-secret-7f3a"
+    prepare_chem(
+        str(wide_csv),
+        str(tmp_path / "out"),
+        PrepareConfig(sites=["solo"], fold_secret=secret, **NO_QUORUM),
+        progress=None,
+    )
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_site_without_tasks_is_a_user_error(wide_csv, tmp_path):
+    with pytest.raises(UserError, match="fewer partners"):
+        prepare_chem(
+            str(wide_csv),
+            str(tmp_path / "out"),
+            PrepareConfig(sites=["a", "b", "c", "d"], **NO_QUORUM),
+            progress=None,
+        )
+
+
+def test_quorum_drops_small_tasks(wide_csv, tmp_path):
+    config = PrepareConfig(
+        sites=["solo"], min_train_actives=1, min_train_inactives=1, min_eval_actives=0, min_eval_inactives=0
+    )
+    summary = prepare_chem(str(wide_csv), str(tmp_path / "out"), config, progress=None)
+    tasks = pd.read_csv(tmp_path / "out" / "solo" / "tasks.csv")
+    # P2@7.5 has only inactives and P1@5.5, P1@6.5 only actives
+    assert set(tasks["task_id"]) == {"BIN", "P1@7.5", "P2@5.5", "P2@6.5"}
+    assert summary["tasks_total"] == 7 and summary["tasks_train_quorum"] == 4
+    assert (tasks["actives"] >= 1).all() and (tasks["inactives"] >= 1).all()
+
+
+# --- long format ------------------------------------------------------------------------------------
+
+NAPHTHALENE, PYRIDINE, PARACETAMOL, BENZOIC_ACID = (
+    "c1ccc2ccccc2c1",
+    "c1ccncc1",
+    "CC(=O)Nc1ccc(O)cc1",
+    "O=C(O)c1ccccc1",
+)
+LONG_ROWS = [
+    (NAPHTHALENE, "T1", "7.0", ">"),
+    (PYRIDINE, "T1", "6.0", "<"),
+    (PARACETAMOL, "T1", "7.0", "="),
+    ("Oc1ccc(NC(C)=O)cc1", "T1", "8.0", "="),  # paracetamol again: median 7.5
+    (BENZOIC_ACID, "T1", "5.0", "="),
+    (BENZOIC_ACID, "T1", "9.0", ">"),  # a measurement beats a bound
+    (NAPHTHALENE, "T2", "1", ""),
+    (PYRIDINE, "T2", "0", "="),
+    ("", "T2", "1", "="),  # empty SMILES
+    (PARACETAMOL, "", "5", "="),  # no task
+    (BENZOIC_ACID, "T1", "", "="),  # no value
+    (BENZOIC_ACID, "T2", "abc", "="),  # non-numeric
+    (NAPHTHALENE, "T1", "5", "?"),  # unknown qualifier
+    (PYRIDINE, "T3", "6.5", ">"),
+    (NAPHTHALENE, "T3", "6.0", "<"),
+]
+
+
+def test_long_format_with_qualifiers(tmp_path):
+    path = tmp_path / "long.csv"
+    pd.DataFrame(LONG_ROWS, columns=["smiles", "task", "value", "qualifier"]).to_csv(path, index=False)
+    summary = prepare_chem(str(path), str(tmp_path / "out"), PrepareConfig(sites=["solo"], **NO_QUORUM), progress=None)
+    assert summary["format"] == "long"
+    assert summary["rows_read"] == 15
+    assert summary["skipped"] == {
+        "invalid_smiles": 0,
+        "empty_smiles": 1,
+        "too_large": 0,
+        "non_numeric_values": 1,
+        "empty_rows": 2,
+        "invalid_qualifiers": 1,
+    }
+    assert summary["duplicates_merged"] == 2
+    assert summary["compounds"] == 4 and summary["binary_assays"] == 1
+    labels, values = _labels(tmp_path / "out" / "solo"), _values(tmp_path / "out" / "solo")
+    expected = {
+        (NAPHTHALENE, "T1@5.5"): 1,
+        (NAPHTHALENE, "T1@6.5"): 1,
+        (PYRIDINE, "T1@6.5"): -1,
+        (PYRIDINE, "T1@7.5"): -1,
+        (PARACETAMOL, "T1@5.5"): 1,
+        (PARACETAMOL, "T1@6.5"): 1,
+        (PARACETAMOL, "T1@7.5"): 1,
+        (BENZOIC_ACID, "T1@5.5"): -1,
+        (BENZOIC_ACID, "T1@6.5"): -1,
+        (BENZOIC_ACID, "T1@7.5"): -1,
+        (NAPHTHALENE, "T2"): 1,
+        (PYRIDINE, "T2"): -1,
+        (PYRIDINE, "T3@5.5"): 1,
+        (PYRIDINE, "T3@6.5"): 1,
+        (NAPHTHALENE, "T3@6.5"): -1,
+        (NAPHTHALENE, "T3@7.5"): -1,
+    }
+    assert labels == expected
+    # only exact measurements carry a value for the regression head
+    assert values == {(PARACETAMOL, f"T1@{t}"): 7.5 for t in ("5.5", "6.5", "7.5")} | {
+        (BENZOIC_ACID, f"T1@{t}"): 5.0 for t in ("5.5", "6.5", "7.5")
+    }
+
+
+# --- user errors ------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match=r"Input file '.*nope\.csv' does not exist\."):
+        prepare_chem(str(tmp_path / "nope.csv"), str(tmp_path / "out"), PrepareConfig(sites=["a"]))
+
+
+def test_missing_smiles_column(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("structure,CHEMBL1\nCCO,5.0\n")
+    with pytest.raises(UserError, match="SMILES column 'smiles' not found.*'structure', 'CHEMBL1'"):
+        prepare_chem(str(path), str(tmp_path / "out"), PrepareConfig(sites=["a"]), progress=None)
+
+
+def test_no_usable_label_column(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("smiles,name\nCCO,ethanol\nCCN,ethylamine\n")
+    with pytest.raises(UserError, match="No usable label column"):
+        prepare_chem(str(path), str(tmp_path / "out"), PrepareConfig(sites=["a"]), progress=None)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"sites": []}, "at least one site"),
+        ({"sites": ["a", "a"]}, "distinct"),
+        ({"sites": ["../escape"]}, "may only use"),
+        ({"thresholds": ()}, "at least one activity threshold"),
+        ({"test_fold": 5}, "test fold"),
+        ({"fmt": "tall"}, "Input format"),
+    ],
+)
+def test_invalid_config(wide_csv, tmp_path, changes, message):
+    config = PrepareConfig(**{"sites": ["a"], **changes})
+    with pytest.raises(UserError, match=message):
+        prepare_chem(str(wide_csv), str(tmp_path / "out"), config, progress=None)
+
+
+def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # keep the download cache inside the test
+    with pytest.raises(UserError, match="download .* failed.*local file"):
+        prepare_chem("http://127.0.0.1:9/data.csv.gz", str(tmp_path / "out"), PrepareConfig(sites=["a"]), progress=None)
+
+
+# --- the real ChEMBL table --------------------------------------------------------------------------
+
+
+def test_real_chembl_three_sites(chembl_csv, tmp_path):
+    out = tmp_path / "out"
+    sites = ["site-1", "site-2", "site-3"]
+    summary = prepare_chem(str(chembl_csv), str(out), PrepareConfig(sites=sites, max_compounds=3000), progress=None)
+    assert summary["compounds"] == 3000
+    assert summary["rows_read"] == 23871
+    fold_of: dict[str, set] = {}
+    members: dict[str, set] = {}
+    assays: dict[str, set] = {}
+    for site in sites:
+        data = load_site(str(out / site), verify=True)
+        assert data.n_tasks > 0 and data.X.shape[0] > 0 and data.eval_task_mask.any()
+        smiles = pd.read_csv(out / site / "compounds.csv")["smiles"]
+        members[site] = set(smiles)
+        assays[site] = set(data.tasks["assay"])
+        for s, fold in zip(smiles, data.folds, strict=True):
+            fold_of.setdefault(s, set()).add(int(fold))
+        assert data.Y.getnnz(axis=1).min() > 0  # every row has a label
+        assert (data.tasks["actives"] >= 10).all() and (data.tasks["inactives"] >= 10).all()
+    assert all(len(f) == 1 for f in fold_of.values())  # same compound, same fold, everywhere
+    assert members["site-1"] & members["site-2"] and members["site-2"] & members["site-3"]
+    assert not (
+        assays["site-1"] & assays["site-2"]
+        or assays["site-2"] & assays["site-3"]
+        or assays["site-1"] & assays["site-3"]
+    )  # an assay belongs to one partner

@@ -1,0 +1,100 @@
+from unittest.mock import MagicMock
+
+import numpy as np
+import pytest
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+from pharmafl.flare.multitask_executor import FINAL_MODEL_FILE, HEAD_FILE, MultiTaskExecutor
+from pharmafl.models.multitask import TrunkModel
+
+HIDDEN = [32]
+
+
+def global_trunk(n_features=32000, hidden=HIDDEN):
+    return {k: v.numpy().copy() for k, v in TrunkModel(n_features, hidden).state_dict().items()}
+
+
+@pytest.fixture
+def started(tmp_path, chembl_small):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    engine = MagicMock()
+    engine.get_workspace.return_value.get_run_dir.return_value = str(run_dir)
+    log_writer = MagicMock()
+    engine.get_component.return_value = log_writer
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=True)
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=True, sticky=True)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=True, sticky=True)
+    executor = MultiTaskExecutor(data_root=str(chembl_small), local_epochs=1, batch_size=256)
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    return executor, fl_ctx, run_dir, log_writer
+
+
+def task(weights, round_number=0):
+    shareable = DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
+    shareable.set_header(AppConstants.CURRENT_ROUND, round_number)
+    return shareable
+
+
+def test_train_returns_only_the_trunk_update_and_keeps_the_head(started):
+    executor, fl_ctx, run_dir, log_writer = started
+    weights = global_trunk()
+    result = executor.execute("train", task(weights), fl_ctx, Signal())
+    assert result.get_return_code(ReturnCode.OK) == ReturnCode.OK
+    dxo = from_shareable(result)
+    assert dxo.data_kind == DataKind.WEIGHT_DIFF
+    assert set(dxo.data) == set(weights)  # no head.* leaves the executor
+    assert dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) > 0
+    assert any(np.abs(v).sum() > 0 for v in dxo.data.values())  # it trained
+    assert (run_dir / HEAD_FILE).is_file()
+    tags = {call.args[0] for call in log_writer.add_scalar.call_args_list}
+    assert {"test/auc_pr", "validation/auc_pr"} <= tags
+
+
+def test_head_persists_across_rounds_and_the_run(started):
+    executor, fl_ctx, run_dir, _ = started
+    executor.execute("train", task(global_trunk()), fl_ctx, Signal())
+    head_after_round_0 = executor.trainer.head_state()
+    executor.execute("train", task(global_trunk(), round_number=1), fl_ctx, Signal())
+    head_after_round_1 = executor.trainer.head_state()
+    # The head is trained on from where it was, not re-initialised each round.
+    assert any(not np.allclose(head_after_round_0[k], head_after_round_1[k]) for k in head_after_round_0)
+    executor.handle_event(EventType.END_RUN, fl_ctx)
+    assert (run_dir / FINAL_MODEL_FILE).is_file()
+
+
+def test_validate_reports_per_task_auc(started):
+    executor, fl_ctx, _, _ = started
+    executor.execute("train", task(global_trunk()), fl_ctx, Signal())
+    dxo = from_shareable(executor.execute("validate", task(global_trunk()), fl_ctx, Signal()))
+    assert dxo.data_kind == DataKind.METRICS
+    assert dxo.data["tasks_evaluated"] == len(dxo.data["per_task"]) > 0
+    for metrics in dxo.data["per_task"].values():
+        assert 0.0 <= metrics["auc_roc"] <= 1.0 and 0.0 <= metrics["auc_pr"] <= 1.0
+
+
+def test_upload_all_sends_the_head_too(tmp_path, chembl_small, started):
+    _, fl_ctx, _, _ = started
+    executor = MultiTaskExecutor(data_root=str(chembl_small), upload="all")
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    dxo = from_shareable(executor.execute("train", task(global_trunk()), fl_ctx, Signal()))
+    assert any(k.startswith("head.") for k in dxo.data)
+
+
+def test_mismatched_trunk_and_missing_data_fail_cleanly(started, tmp_path):
+    executor, fl_ctx, _, _ = started
+    result = executor.execute("train", task(global_trunk(n_features=1024)), fl_ctx, Signal())
+    assert result.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    missing = MultiTaskExecutor(data_root=str(tmp_path / "nowhere"))
+    missing.handle_event(EventType.START_RUN, fl_ctx)
+    assert missing.execute("train", task(global_trunk()), fl_ctx, Signal()).get_return_code() == (
+        ReturnCode.EXECUTION_EXCEPTION
+    )
+    assert executor.execute("other", task(global_trunk()), fl_ctx, Signal()).get_return_code() == (
+        ReturnCode.TASK_UNKNOWN
+    )

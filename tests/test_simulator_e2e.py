@@ -1,0 +1,60 @@
+"""End to end in the real FLARE simulator: 2 sites on a ChEMBL subset, 2 rounds."""
+
+import json
+
+import pytest
+import torch
+from pharmafl.baseline import run_single_partner
+from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
+from pharmafl.flare.multitask_executor import FINAL_MODEL_FILE, HEAD_FILE
+from pharmafl.jobs import repo_root
+from pharmafl.report import write_report
+from pharmafl.simulate import run_simulator
+
+pytestmark = pytest.mark.slow
+JOB = repo_root() / "jobs" / "multitask_fedavg"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, chembl_small):
+    workspace = tmp_path_factory.mktemp("sim") / "workspace"
+    result = run_simulator(JOB, chembl_small, workspace, rounds=2, quiet=True)
+    return result, workspace
+
+
+def test_both_sites_report_final_metrics(finished_run):
+    result, workspace = finished_run
+    assert result["sites"] == ["site-1", "site-2"]
+    results = json.loads((workspace / "server/simulate_job/cross_site_val/cross_val_results.json").read_text())
+    assert set(results) == {"site-1", "site-2"}
+    for by_model in results.values():
+        metrics = next(iter(by_model.values()))
+        assert metrics["tasks_evaluated"] > 0 and 0.0 < metrics["auc_pr"] <= 1.0
+
+
+def test_the_head_never_reached_the_server(finished_run):
+    _, workspace = finished_run
+    server_dir = workspace / "server/simulate_job"
+    records = [json.loads(line) for line in (server_dir / CONTRIBUTIONS_LOG).read_text().splitlines()]
+    assert len(records) == 2 * 2  # 2 sites x 2 rounds, every one accepted
+    assert all(r["accepted"] for r in records)
+    assert all(key.startswith("trunk.") for r in records for key in r["keys"])
+    global_model = torch.load(server_dir / "app_server/FL_global_model.pt", weights_only=False)
+    state = global_model.get("model", global_model)
+    assert state and all(key.startswith("trunk.") for key in state)
+    for site in ("site-1", "site-2"):  # the heads stayed at home
+        site_dir = workspace / site / "simulate_job"
+        assert (site_dir / HEAD_FILE).is_file() and (site_dir / FINAL_MODEL_FILE).is_file()
+
+
+def test_report_compares_with_single_partner(finished_run, chembl_small, tmp_path):
+    _, workspace = finished_run
+    run_single_partner(chembl_small, tmp_path / "sp", JOB, rounds=2, progress=lambda _: None)
+    summary, table = write_report(workspace, tmp_path / "sp")
+    for site in ("site-1", "site-2"):
+        entry = summary["sites"][site]
+        assert entry["tasks_evaluated"] > 0
+        assert set(entry["federated"]) == {"auc_roc", "auc_pr"} == set(entry["single_partner"])
+        assert len(entry["federated_curve_auc_pr"]) == 3  # rounds 0, 1 and the final model
+    assert (workspace / "report/summary.json").is_file() and (workspace / "report/auc_pr_per_round.png").is_file()
+    assert "site-1" in table
