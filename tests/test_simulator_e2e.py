@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from pharmafl.baseline import run_single_partner
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
 from pharmafl.flare.multitask_executor import FINAL_MODEL_FILE, HEAD_FILE

@@ -60,14 +60,7 @@ def cmd_prepare_chem(args: argparse.Namespace) -> int:
     )
     summary = prepare_chem(args.input or _default_chem_input(), args.out, config)
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
-    print(f"read {summary['rows_read']} rows; skipped: {skipped}; merged duplicates: {summary['duplicates_merged']}")
-    print(
-        f"{summary['compounds']} compounds, {summary['tasks_total']} tasks, "
-        f"{summary['tasks_train_quorum']} pass the training quorum, "
-        f"{summary['tasks_eval_quorum']} the evaluation quorum"
-    )
-    for site, facts in summary["sites"].items():
-        print(f"  {site}: {facts['compounds']} compounds, {facts['tasks']} tasks ({facts['tasks_eval']} evaluated)")
+    print(f"skipped rows: {skipped}; duplicate structures merged: {summary['duplicates_merged']}")
     print(f"wrote {args.out}")
     return 0
 

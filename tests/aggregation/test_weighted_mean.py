@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from pharmafl.aggregation.weighted_mean import shapes_of, update_problem, weighted_mean
 
 

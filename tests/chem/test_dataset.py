@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+
 from pharmafl.chem.dataset import SiteData, load_site
 from pharmafl.chem.prepare import PrepareConfig, prepare_chem
 from pharmafl.errors import UserError

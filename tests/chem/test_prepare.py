@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+
 from pharmafl.chem.dataset import load_site
 from pharmafl.chem.prepare import PrepareConfig, prepare_chem
 from pharmafl.chem.standardize import ecfp_bits, fold_for_scaffold, murcko_scaffold, standardize_smiles

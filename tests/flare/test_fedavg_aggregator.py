@@ -4,6 +4,7 @@ from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
+
 from pharmafl.flare.fedavg_aggregator import FedAvgAggregator
 
 SHAPES = {"trunk.input.weight": (6, 4), "trunk.input_bias": (4,)}

@@ -8,6 +8,7 @@ from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
+
 from pharmafl.flare.multitask_executor import FINAL_MODEL_FILE, HEAD_FILE, MultiTaskExecutor
 from pharmafl.models.multitask import TrunkModel
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_context import FLContext
+
 from pharmafl.flare.trunk_only_filter import TrunkOnlyFilter
 
 

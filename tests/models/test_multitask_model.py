@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+
 from pharmafl.models.multitask import MultiTaskNet, TrunkModel, trunk_geometry
 
 

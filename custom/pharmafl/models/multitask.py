@@ -25,8 +25,8 @@ class Trunk(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         # EmbeddingBag(mode="sum") over the on-bit indices is a sparse-times-dense product without
-        # materialising the 32k-wide input.
-        self.input = nn.EmbeddingBag(n_features, hidden_sizes[0], mode="sum")
+        # materialising the 32k-wide input; its sparse gradient touches only the rows of bits present.
+        self.input = nn.EmbeddingBag(n_features, hidden_sizes[0], mode="sum", sparse=True)
         self.input_bias = nn.Parameter(torch.zeros(hidden_sizes[0]))
         bound = 1.0 / np.sqrt(64.0)  # ECFP6 sets roughly 30-90 bits per compound
         nn.init.uniform_(self.input.weight, -bound, bound)

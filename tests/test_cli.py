@@ -1,0 +1,65 @@
+"""The pharmafl command as a user runs it: bad input ends in one sentence and exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def pharmafl(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "pharmafl.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def assert_clean_error(result, fragment):
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and fragment in message[0]
+
+
+def test_missing_input_file(tmp_path):
+    result = pharmafl("prepare", "chem", tmp_path / "nope.csv", "--out", tmp_path / "out", "--partners", "2")
+    assert_clean_error(result, "does not exist")
+
+
+def test_missing_smiles_column(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("mol,assay1\nCCO,1\n")
+    result = pharmafl("prepare", "chem", path, "--out", tmp_path / "out", "--partners", "2")
+    assert_clean_error(result, "smiles")
+
+
+def test_bad_rows_are_counted_not_fatal(tmp_path):
+    # A different wide multi-task CSV (binary tasks, an id column) prepares without code changes.
+    smiles = ["CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CCN(CC)CC", "c1ccc2ccccc2c1", "CC(C)Cc1ccc(C)cc1",
+              "O=C(O)c1ccccc1", "CCOC(=O)C", "C1CCCCC1N", "c1ccncc1", "CC(=O)Nc1ccc(O)cc1", "Cc1ccccc1"]
+    rows = ["compound_id,smiles,tox_a,tox_b"]
+    for i, s in enumerate(smiles * 3):
+        rows.append(f"id{i},{s}{'' if i < 12 else '.Cl' if i < 24 else ''},{i % 2},{(i // 2) % 2}")
+    rows += ["bad1,not_a_smiles,1,0", "bad2,,1,0", "bad3,CCCC,yes,0"]
+    path = tmp_path / "tox.csv"
+    path.write_text("\n".join(rows) + "\n")
+    result = pharmafl(
+        "prepare", "chem", path, "--out", tmp_path / "out", "--partners", "2",
+        "--min-train-actives", "1", "--min-train-inactives", "1",
+        "--min-eval-actives", "0", "--min-eval-inactives", "0",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["skipped"]["invalid_smiles"] == 1
+    assert summary["skipped"]["empty_smiles"] == 1
+    assert summary["skipped"]["non_numeric_values"] == 1
+    assert summary["ignored_columns"] == ["compound_id"]
+    assert summary["compounds"] == 13  # 12 structures (salts merged) + CCCC
+    assert "skipped" in result.stdout
+
+
+@pytest.mark.parametrize("command", [["simulate", "jobs/nope", "--data", "x", "--workspace", "w"],
+                                     ["report", "no_such_workspace"],
+                                     ["baseline", "chem", "--data", "no_such_data", "--out", "o"]])
+def test_other_commands_fail_cleanly(command, tmp_path):
+    result = pharmafl(*command, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
