@@ -34,8 +34,20 @@ def test_missing_smiles_column(tmp_path):
 
 def test_bad_rows_are_counted_not_fatal(tmp_path):
     # A different wide multi-task CSV (binary tasks, an id column) prepares without code changes.
-    smiles = ["CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CCN(CC)CC", "c1ccc2ccccc2c1", "CC(C)Cc1ccc(C)cc1",
-              "O=C(O)c1ccccc1", "CCOC(=O)C", "C1CCCCC1N", "c1ccncc1", "CC(=O)Nc1ccc(O)cc1", "Cc1ccccc1"]
+    smiles = [
+        "CCO",
+        "c1ccccc1O",
+        "CC(=O)Oc1ccccc1C(=O)O",
+        "CCN(CC)CC",
+        "c1ccc2ccccc2c1",
+        "CC(C)Cc1ccc(C)cc1",
+        "O=C(O)c1ccccc1",
+        "CCOC(=O)C",
+        "C1CCCCC1N",
+        "c1ccncc1",
+        "CC(=O)Nc1ccc(O)cc1",
+        "Cc1ccccc1",
+    ]
     rows = ["compound_id,smiles,tox_a,tox_b"]
     for i, s in enumerate(smiles * 3):
         rows.append(f"id{i},{s}{'' if i < 12 else '.Cl' if i < 24 else ''},{i % 2},{(i // 2) % 2}")
@@ -43,9 +55,21 @@ def test_bad_rows_are_counted_not_fatal(tmp_path):
     path = tmp_path / "tox.csv"
     path.write_text("\n".join(rows) + "\n")
     result = pharmafl(
-        "prepare", "chem", path, "--out", tmp_path / "out", "--partners", "2",
-        "--min-train-actives", "1", "--min-train-inactives", "1",
-        "--min-eval-actives", "0", "--min-eval-inactives", "0",
+        "prepare",
+        "chem",
+        path,
+        "--out",
+        tmp_path / "out",
+        "--partners",
+        "2",
+        "--min-train-actives",
+        "1",
+        "--min-train-inactives",
+        "1",
+        "--min-eval-actives",
+        "0",
+        "--min-eval-inactives",
+        "0",
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "out/summary.json").read_text())
@@ -57,9 +81,14 @@ def test_bad_rows_are_counted_not_fatal(tmp_path):
     assert "skipped" in result.stdout
 
 
-@pytest.mark.parametrize("command", [["simulate", "jobs/nope", "--data", "x", "--workspace", "w"],
-                                     ["report", "no_such_workspace"],
-                                     ["baseline", "chem", "--data", "no_such_data", "--out", "o"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["simulate", "jobs/nope", "--data", "x", "--workspace", "w"],
+        ["report", "no_such_workspace"],
+        ["baseline", "chem", "--data", "no_such_data", "--out", "o"],
+    ],
+)
 def test_other_commands_fail_cleanly(command, tmp_path):
     result = pharmafl(*command, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -31,8 +31,6 @@ class TrainConfig:
     local_epochs: int = 1
     validation_fold: int = 1
     seed: int = 0
-    eval_min_actives: int = 5
-    eval_min_inactives: int = 5
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.local_epochs <= 0:
@@ -95,6 +93,9 @@ class MultiTaskTrainer:
         self.model = MultiTaskNet(data.n_features, data.n_tasks, hidden_sizes or config.hidden_sizes, config.dropout)
         self.optimizer = make_optimizer(self.model, config)
         self.rng = np.random.default_rng(config.seed)
+        # Dropout draws from torch's global generator: keep this trainer's own stream of it, so a
+        # trainer's result does not depend on what other trainers in the process did in between.
+        self.torch_rng_state = torch.get_rng_state()
         self.epochs_done = 0
 
     def train(
@@ -104,10 +105,17 @@ class MultiTaskTrainer:
         progress: Callable[[str], None] | None = None,
     ) -> int:
         """Train ``epochs`` epochs (default: config.local_epochs) over the training folds; returns steps."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.torch_rng_state)
+            steps = self._train(epochs or self.config.local_epochs, should_stop, progress)
+            self.torch_rng_state = torch.get_rng_state()
+        return steps
+
+    def _train(self, epochs: int, should_stop: Callable[[], bool], progress: Callable[[str], None] | None) -> int:
         self.model.train()
         steps = 0
         labels = self.data.Y
-        for _ in range(epochs or self.config.local_epochs):
+        for _ in range(epochs):
             order = self.rng.permutation(self.train_rows)
             total_loss, n_batches = 0.0, math.ceil(len(order) / self.config.batch_size)
             for start in range(0, len(order), self.config.batch_size):
@@ -144,12 +152,14 @@ class MultiTaskTrainer:
         """Mean and per-task AUC-ROC / AUC-PR on one fold (default: the test fold)."""
         fold = self.test_fold if fold is None else fold
         rows = self.data.rows_in_folds([fold])
+        # The evaluation quorum the data was prepared with, applied to the fold scored.
+        quorum = self.data.manifest.get("quorum", {})
         per_task = per_task_auc(
             self.data.Y[rows].toarray(),
             self.predict(rows),
             list(self.data.tasks["task_id"]),
-            self.config.eval_min_actives,
-            self.config.eval_min_inactives,
+            quorum.get("min_eval_actives", 5),
+            quorum.get("min_eval_inactives", 5),
         )
         return {**summarize(per_task), "per_task": per_task}
 
