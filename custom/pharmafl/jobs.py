@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -99,23 +98,6 @@ def prepared_sites(data_dir: str | Path) -> list[str]:
     return sites
 
 
-def resolve_placeholder(value, config: dict):
-    """Resolve a FLARE ``"{var}"`` reference to a top-level config variable."""
-    if isinstance(value, str) and value.startswith("{") and value.endswith("}"):
-        return config.get(value[1:-1], value)
-    return value
-
-
-def server_setting(job_dir: str | Path, name: str):
-    server, _ = job_configs(job_dir)
-    return server.get(name)
-
-
 def trunk_model_args(job_dir: str | Path) -> dict:
     server, _ = job_configs(job_dir)
     return dict(find_component(server, "persistor")["args"]["model"]["args"])
-
-
-def ensure_dir(path: str | Path) -> Path:
-    os.makedirs(path, exist_ok=True)
-    return Path(path)
