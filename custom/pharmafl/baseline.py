@@ -62,8 +62,14 @@ def run_single_partner(
     job_dir: str | Path,
     rounds: int | None = None,
     progress: Callable[[str], None] = print,
+    overrides: dict | None = None,
 ) -> dict:
+    """Train every site alone. ``overrides`` replaces job hyperparameters (TrainConfig fields or
+    ``hidden_sizes``), for a baseline tuned on the validation fold in its own right."""
     config, hidden_sizes, job_rounds = job_train_config(job_dir)
+    overrides = dict(overrides or {})
+    hidden_sizes = list(overrides.pop("hidden_sizes", hidden_sizes))
+    config = TrainConfig(**{**config.__dict__, **overrides})
     rounds = rounds or job_rounds
     start = time.perf_counter()
     sites = {

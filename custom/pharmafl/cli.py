@@ -76,7 +76,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_baseline_chem(args: argparse.Namespace) -> int:
     from pharmafl.baseline import run_single_partner
 
-    summary = run_single_partner(args.data, args.out, args.job, args.rounds)
+    overrides = {
+        name: value
+        for name, value in (
+            ("dropout", args.dropout),
+            ("learning_rate", args.learning_rate),
+            ("hidden_sizes", args.hidden_sizes),
+        )
+        if value is not None
+    }
+    summary = run_single_partner(args.data, args.out, args.job, args.rounds, overrides=overrides)
     for site, result in summary["sites"].items():
         print(f"{site}: single-partner test AUC-ROC {result['auc_roc']:.4f}, AUC-PR {result['auc_pr']:.4f}")
     print(f"wrote {Path(args.out) / 'summary.json'}")
@@ -141,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     baseline_chem.add_argument("--out", required=True)
     baseline_chem.add_argument("--job", default=str(DEFAULT_JOB), help="job whose model and hyperparameters to use")
     baseline_chem.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
+    baseline_chem.add_argument("--dropout", type=float, default=None, help="override the job's dropout")
+    baseline_chem.add_argument("--learning-rate", type=float, default=None, help="override the job's learning rate")
+    baseline_chem.add_argument("--hidden-sizes", type=_ints, default=None, help="override the trunk layers")
     baseline_chem.set_defaults(func=cmd_baseline_chem)
 
     report = commands.add_parser("report", help="summary.json, report.md and plots of a finished run")
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as err:
+    except (UserError, ValueError) as err:  # ValueError: an option value a component refused
         print(f"pharmafl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

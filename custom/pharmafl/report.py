@@ -90,7 +90,11 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
             entry["delta"] = {k: entry["federated"][k] - entry["single_partner"][k] for k in ("auc_roc", "auc_pr")}
             entry["mean_per_task_delta_auc_pr"] = _per_task_delta(final[site], single)
         sites[site] = entry
-    return {"run_dir": str(run_dir), "sites": sites}
+    deltas = [entry["delta"]["auc_pr"] for entry in sites.values() if "delta" in entry]
+    summary = {"run_dir": str(run_dir), "sites": sites}
+    if deltas:
+        summary["federated_beats_single_partner_everywhere"] = bool(len(deltas) == len(sites) and min(deltas) > 0)
+    return summary
 
 
 def format_table(summary: dict) -> str:
@@ -111,6 +115,9 @@ def format_table(summary: dict) -> str:
             f"{fmt(entry['federated']['auc_pr'])} | {fmt(single.get('auc_roc'))} | {fmt(single.get('auc_pr'))} | "
             f"{'n/a' if delta is None else f'{delta:+.4f}'} |"
         )
+    if "federated_beats_single_partner_everywhere" in summary:
+        verdict = "yes" if summary["federated_beats_single_partner_everywhere"] else "no"
+        lines.append(f"\nFederated mean AUC-PR above single-partner at every site: {verdict}")
     return "\n".join(lines)
 
 
