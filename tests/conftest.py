@@ -30,3 +30,30 @@ def chembl_small(chembl_csv, tmp_path_factory) -> Path:
     summary = prepare_chem(str(chembl_csv), str(out_dir), config, progress=None)
     assert all(site["tasks_eval"] > 0 for site in summary["sites"].values())
     return out_dir
+
+
+# protein fixtures
+GPSITE_DIR = REPO_ROOT.parent / "shared" / "data" / "proteins" / "gpsite"
+
+
+@pytest.fixture(scope="session")
+def gpsite_dir() -> Path:
+    """The GPSite binding-site files ({ATP,...,ZN}_{train,test}.txt, three lines per chain), read in place."""
+    if not (GPSITE_DIR / "ATP_train.txt").is_file():
+        pytest.skip(f"real GPSite data not found at {GPSITE_DIR}")
+    return GPSITE_DIR
+
+
+@pytest.fixture(scope="session")
+def gpsite_small(gpsite_dir, tmp_path_factory) -> Path:
+    """The first 60 chains of ATP_train and HEM_train, cropped to 256, split iid into site-1 and site-2.
+
+    Returns the out_dir: site-1/, site-2/ (train.jsonl, test.jsonl, manifest.json), common_test/, summary.json.
+    """
+    from pharmafl.proteins.splits import SplitConfig, prepare_binding_sites
+
+    out_dir = tmp_path_factory.mktemp("gpsite_small")
+    config = SplitConfig(clients=2, split="iid", max_length=256, max_chains_per_input=60)
+    inputs = [str(gpsite_dir / "ATP_train.txt"), str(gpsite_dir / "HEM_train.txt")]
+    prepare_binding_sites(inputs, str(out_dir), config, progress=None)
+    return out_dir

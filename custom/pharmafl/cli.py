@@ -65,6 +65,23 @@ def cmd_prepare_chem(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_binding_sites(args: argparse.Namespace) -> int:
+    from pharmafl.proteins.splits import SplitConfig, prepare_binding_sites
+
+    config = SplitConfig(
+        clients=args.clients,
+        split=args.split,
+        max_length=args.max_length,
+        test_fraction=args.test_fraction,
+        skew_ratios=args.skew_ratios,
+        seed=args.seed,
+        client_names=[s.strip() for s in args.sites.split(",")] if args.sites else None,
+        max_chains_per_input=args.max_chains_per_input,
+    )
+    prepare_binding_sites(args.inputs, args.out, config, fmt=args.format, labels_path=args.labels)
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from pharmafl.simulate import run_simulator
 
@@ -133,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     chem.add_argument("--seed", type=int, default=0, help="seed of the task-to-partner assignment")
     chem.add_argument("--max-compounds", type=int, default=None, help="use only the first N valid compounds")
     chem.set_defaults(func=cmd_prepare_chem)
+
+    proteins = prepare.add_parser("binding-sites", help="per-residue binding-site chains -> one folder per client")
+    proteins.add_argument("inputs", nargs="+", help="GPSite three-line files, FASTA (with --labels) or CSV")
+    proteins.add_argument("--out", required=True)
+    proteins.add_argument("--clients", type=int, default=2)
+    proteins.add_argument("--sites", default=None, help="comma-separated client names (default site-1..site-N)")
+    proteins.add_argument("--split", default="iid", choices=["iid", "label-skew", "by-source"])
+    proteins.add_argument("--format", default="auto", choices=["auto", "threeline", "fasta", "csv"])
+    proteins.add_argument("--labels", default=None, help="labels for FASTA input (>id + 0/1 lines, or id,labels CSV)")
+    proteins.add_argument("--max-length", type=int, default=1000, help="crop longer chains")
+    proteins.add_argument("--test-fraction", type=float, default=0.2)
+    proteins.add_argument("--skew-ratios", type=_floats, default=(0.2, 0.8), help="label-skew high-half shares")
+    proteins.add_argument("--seed", type=int, default=0)
+    proteins.add_argument("--max-chains-per-input", type=int, default=None)
+    proteins.set_defaults(func=cmd_prepare_binding_sites)
 
     simulate = commands.add_parser("simulate", help="run a job in the FLARE simulator, one client per site")
     simulate.add_argument("job", help="job folder, e.g. jobs/multitask_fedavg")
