@@ -57,5 +57,7 @@ def test_report_compares_with_single_partner(finished_run, chembl_small, tmp_pat
         assert entry["tasks_evaluated"] > 0
         assert set(entry["federated"]) == {"auc_roc", "auc_pr"} == set(entry["single_partner"])
         assert len(entry["federated_curve_auc_pr"]) == 3  # rounds 0, 1 and the final model
+        assert all(0.0 < value <= 1.0 for value in entry["federated_curve_auc_pr"])
+        assert entry["federated_curve_auc_pr"][-1] == pytest.approx(entry["federated"]["auc_pr"], abs=1e-6)
     assert (workspace / "report/summary.json").is_file() and (workspace / "report/auc_pr_per_round.png").is_file()
     assert "site-1" in table

@@ -38,6 +38,7 @@ def federated_final(run_dir: Path) -> dict[str, dict]:
 def tensorboard_curves(run_dir: Path, tag: str = CURVE_TAG) -> dict[str, list[float]]:
     """Per-site scalar series streamed to the server's TensorBoard, ordered by step."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
 
     curves: dict[str, list[float]] = {}
     tb_root = run_dir / "tb_events"
@@ -49,7 +50,9 @@ def tensorboard_curves(run_dir: Path, tag: str = CURVE_TAG) -> dict[str, list[fl
             for event in EventFileLoader(str(event_file)).Load():
                 for value in event.summary.value:
                     if value.tag == tag:
-                        points[int(event.step)] = float(value.simple_value)
+                        # The loader migrates simple_value scalars to tensors.
+                        scalar = value.simple_value if value.HasField("simple_value") else make_ndarray(value.tensor)
+                        points[int(event.step)] = float(scalar)
         if points:
             curves[site_dir.name] = [points[s] for s in sorted(points)]
     return curves
