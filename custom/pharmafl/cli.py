@@ -57,6 +57,7 @@ def cmd_prepare_chem(args: argparse.Namespace) -> int:
         min_eval_inactives=args.min_eval_inactives,
         seed=args.seed,
         max_compounds=args.max_compounds,
+        compound_overlap=args.compound_overlap,
     )
     summary = prepare_chem(args.input or _default_chem_input(), args.out, config)
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     chem.add_argument("--min-eval-inactives", type=int, default=5)
     chem.add_argument("--seed", type=int, default=0, help="seed of the task-to-partner assignment")
     chem.add_argument("--max-compounds", type=int, default=None, help="use only the first N valid compounds")
+    chem.add_argument(
+        "--compound-overlap",
+        default="shared",
+        choices=["shared", "private"],
+        help="shared: a compound is at every partner with labels on it; private: at one of them (own libraries)",
+    )
     chem.set_defaults(func=cmd_prepare_chem)
 
     proteins = prepare.add_parser("binding-sites", help="per-residue binding-site chains -> one folder per client")

@@ -364,3 +364,20 @@ def test_real_chembl_three_sites(chembl_csv, tmp_path):
         or assays["site-2"] & assays["site-3"]
         or assays["site-1"] & assays["site-3"]
     )  # an assay belongs to one partner
+
+
+def test_private_compounds_stay_with_one_partner(chembl_csv, tmp_path):
+    sites = ["site-1", "site-2", "site-3"]
+    config = PrepareConfig(sites=sites, max_compounds=3000, compound_overlap="private")
+    summary = prepare_chem(str(chembl_csv), str(tmp_path), config, progress=None)
+    members = {site: set(pd.read_csv(tmp_path / site / "compounds.csv")["smiles"]) for site in sites}
+    assert all(members[site] for site in sites)
+    assert not (members["site-1"] & members["site-2"] or members["site-2"] & members["site-3"])
+    assert not members["site-1"] & members["site-3"]
+    assert summary["compounds_in_sites"] == sum(len(m) for m in members.values())
+    for site in sites:
+        data = load_site(str(tmp_path / site))
+        assert data.Y.getnnz(axis=1).min() > 0  # only compounds with labels of their own partner
+        assert (data.tasks["actives"] >= 10).all() and (data.tasks["inactives"] >= 10).all()
+    with pytest.raises(UserError, match="compound overlap"):
+        prepare_chem(str(chembl_csv), str(tmp_path / "x"), PrepareConfig(sites=sites, compound_overlap="some"))

@@ -70,6 +70,9 @@ class PrepareConfig:
     max_heavy_atoms: int = 100
     seed: int = 0
     max_compounds: int | None = None  # keep only the first N valid compounds (tests, quick demos)
+    # "shared": a compound is at every partner that has labels on it (public-data style overlap);
+    # "private": each compound stays with one of those partners (seeded), like proprietary libraries.
+    compound_overlap: str = "shared"
 
 
 @dataclass
@@ -152,6 +155,10 @@ def prepare_chem(
     order = np.random.default_rng(config.seed).permutation(len(assays))
     site_of_assay[assays[order]] = np.arange(len(assays)) % len(config.sites)
 
+    if config.compound_overlap == "private":
+        tasks = _keep_compounds_private(tasks, site_of_assay, len(compounds), len(config.sites), config.seed)
+        stats = _task_statistics(tasks, folds, config)
+
     site_tasks = {site: [] for site in config.sites}
     for index, task in enumerate(tasks):
         if stats["train"][index]:
@@ -233,6 +240,8 @@ def prepare_chem(
 
 
 def _validate_config(config: PrepareConfig) -> None:
+    if config.compound_overlap not in ("shared", "private"):
+        raise UserError(f"compound overlap must be 'shared' or 'private', got '{config.compound_overlap}'.")
     sites = list(config.sites)
     if not sites:
         raise UserError("Give at least one site name.")
@@ -548,6 +557,25 @@ def _threshold_tasks(
                     )
                 )
     return tasks
+
+
+def _keep_compounds_private(
+    tasks: list[_Task], site_of_assay: np.ndarray, n_compounds: int, n_sites: int, seed: int
+) -> list[_Task]:
+    """Give each compound to one partner among those with labels on it; drop its labels elsewhere."""
+    measured_by = np.zeros((n_compounds, n_sites), dtype=bool)
+    for task in tasks:
+        measured_by[task.compound, site_of_assay[task.assay]] = True
+    priority = np.random.default_rng([seed, 1]).random((n_compounds, n_sites))
+    owner = np.argmax(np.where(measured_by, priority, -1.0), axis=1)
+    private = []
+    for task in tasks:
+        keep = owner[task.compound] == site_of_assay[task.assay]
+        if keep.any():
+            private.append(
+                _Task(task.task_id, task.assay, task.threshold, task.compound[keep], task.label[keep], task.value[keep])
+            )
+    return private
 
 
 def _task_statistics(tasks: list[_Task], folds: np.ndarray, config: PrepareConfig) -> pd.DataFrame:
