@@ -6,6 +6,11 @@ baseline gets the same grid. For each method it reports the configuration and nu
 with the best mean validation AUC-PR over sites. Usage:
 
     .venv/bin/python scripts/tune_chem.py DATA_DIR [--rounds 25] [--dropout 0.2,0.5] [--hidden 400]
+        [--pooled POOLED_DIR]
+
+``--pooled`` adds the centralized upper bound: POOLED_DIR is the same input prepared for one
+partner (``pharmafl prepare chem --partners 1``); one model learns all tasks on all compounds and
+is scored on each site's own tasks.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from pharmafl.aggregation.weighted_mean import weighted_mean
-from pharmafl.chem.dataset import load_site
+from pharmafl.chem.dataset import SiteData, load_site
 from pharmafl.jobs import prepared_sites
 from pharmafl.models.multitask import TrunkModel
 from pharmafl.training.multitask import MultiTaskTrainer, TrainConfig
@@ -45,6 +50,18 @@ def validation_curves(trainers: list[MultiTaskTrainer], rounds: int, federated: 
     return np.array(curve)
 
 
+def pooled_curves(pooled: SiteData, sites: list[SiteData], config: TrainConfig, hidden: int, rounds: int) -> np.ndarray:
+    """Validation AUC-PR on each site's tasks (columns) of one model trained on all data, per epoch (rows)."""
+    trainer = MultiTaskTrainer(pooled, config, [hidden])
+    site_tasks = [set(d.tasks["task_id"]) for d in sites]
+    curve = []
+    for _ in range(rounds):
+        trainer.train()
+        per_task = trainer.evaluate(config.validation_fold)["per_task"]
+        curve.append([np.mean([m["auc_pr"] for task, m in per_task.items() if task in tasks]) for tasks in site_tasks])
+    return np.array(curve)
+
+
 def _geometry(trainer: MultiTaskTrainer) -> tuple[int, list[int], float]:
     hidden = [trainer.model.trunk.output_size]
     return trainer.data.n_features, hidden, trainer.config.dropout
@@ -57,6 +74,7 @@ def main() -> None:
     parser.add_argument("--dropout", default="0.2,0.5")
     parser.add_argument("--hidden", default="400")
     parser.add_argument("--learning-rate", default="0.001")
+    parser.add_argument("--pooled", default=None, help="the same input prepared for one partner (upper bound)")
     parser.add_argument("--out", default=None, help="write the JSON here too")
     args = parser.parse_args()
     sites = [load_site(str(Path(args.data) / s)) for s in prepared_sites(args.data)]
@@ -68,13 +86,18 @@ def main() -> None:
     )
     for dropout, hidden, learning_rate in grid:
         config = TrainConfig(dropout=dropout, learning_rate=learning_rate)
-        for federated in (True, False):
-            trainers = [MultiTaskTrainer(d, config, [hidden]) for d in sites]
-            per_site = validation_curves(trainers, args.rounds, federated)
+        methods = ["federated", "single_partner"] + (["centralized"] if args.pooled else [])
+        for method in methods:
+            if method == "centralized":
+                pooled = load_site(str(Path(args.pooled) / prepared_sites(args.pooled)[0]))
+                per_site = pooled_curves(pooled, sites, config, hidden, args.rounds)
+            else:
+                trainers = [MultiTaskTrainer(d, config, [hidden]) for d in sites]
+                per_site = validation_curves(trainers, args.rounds, method == "federated")
             curve = per_site.mean(axis=1)
             best = int(np.argmax(curve))
             row = {
-                "method": "federated" if federated else "single_partner",
+                "method": method,
                 "dropout": dropout,
                 "hidden": hidden,
                 "learning_rate": learning_rate,
