@@ -126,6 +126,20 @@ def cmd_bench_trunk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_fra_lora(args: argparse.Namespace) -> int:
+    from pharmafl.bench_fra_lora import bench_fra_lora
+
+    result = bench_fra_lora(
+        args.geometries,
+        args.clients,
+        args.rank,
+        args.repeats,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pharmafl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     trunk.add_argument("--rounds", type=int, default=3)
     trunk.add_argument("--workdir", default="runs/bench", help="scratch folder")
     trunk.set_defaults(func=cmd_bench_trunk)
+    fra = bench.add_parser("fra-lora", help="factored vs dense FRA-LoRA aggregation at ESM-2 geometries")
+    fra.add_argument("--json", action="store_true", help="print JSON (always on; kept for symmetry)")
+    fra.add_argument("--geometries", nargs="+", default=["35M", "650M", "3B", "15B"])
+    fra.add_argument("--clients", nargs="+", type=int, default=[2, 8, 32])
+    fra.add_argument("--rank", type=int, default=16)
+    fra.add_argument("--repeats", type=int, default=3)
+    fra.set_defaults(func=cmd_bench_fra_lora)
     return parser
 
 
