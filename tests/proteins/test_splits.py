@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from pharmafl.errors import UserError
-from pharmafl.proteins.dataset import ProteinSplit, load_client, load_common_test, sha256
+from pharmafl.manifest import sha256_file
+from pharmafl.proteins.dataset import ProteinSplit, load_client, load_common_test
 from pharmafl.proteins.splits import SplitConfig, prepare_binding_sites
 
 
@@ -145,7 +146,7 @@ def test_files_manifest_and_summary(two_sources, tmp_path):
     manifest = json.loads((out / "site-1" / "manifest.json").read_text())
     assert manifest["client"] == "site-1" and manifest["parameters"]["max_length"] == 30
     assert set(manifest["train"]) >= {"chains", "residues", "positives", "positive_rate", "sources"}
-    assert manifest["sha256"]["train.jsonl"] == sha256(out / "site-1" / "train.jsonl")
+    assert manifest["sha256"]["train.jsonl"] == sha256_file(out / "site-1" / "train.jsonl")
     assert [item["source"] for item in manifest["inputs"]] == ["LOW_train", "MIX_train"]
     record = json.loads((out / "site-1" / "train.jsonl").read_text().splitlines()[0])
     assert set(record) == {"id", "sequence", "labels", "source"} and len(record["labels"]) == 30

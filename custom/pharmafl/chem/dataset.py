@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from collections.abc import Iterable
@@ -14,6 +13,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pharmafl.errors import UserError
+from pharmafl.manifest import verify_checksums
 
 REQUIRED_FILES = ("X.npz", "Y.npz", "folds.npy", "tasks.csv", "manifest.json")
 
@@ -65,7 +65,7 @@ def load_site(path: str, verify: bool = False) -> SiteData:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"The manifest at '{folder / 'manifest.json'}' is not valid JSON.") from None
     if verify:
-        _verify_checksums(folder, manifest)
+        verify_checksums(folder, manifest)
 
     X = _load_matrix(folder / "X.npz").astype(np.float32, copy=False)
     Y = _load_matrix(folder / "Y.npz").astype(np.int8, copy=False)
@@ -99,19 +99,3 @@ def _load_matrix(path: Path) -> sp.csr_matrix:
         return sp.csr_matrix(sp.load_npz(path))
     except (ValueError, OSError, KeyError, zipfile.BadZipFile):
         raise UserError(f"'{path}' is not a readable sparse matrix; prepare the data again.") from None
-
-
-def _verify_checksums(folder: Path, manifest: dict) -> None:
-    checksums = manifest.get("sha256")
-    if not isinstance(checksums, dict) or not checksums:
-        raise UserError(f"The manifest at '{folder}' lists no checksums to verify.")
-    for name, expected in checksums.items():
-        file = folder / name
-        if not file.is_file():
-            raise UserError(f"'{file}' is listed in the manifest but missing; prepare the data again.")
-        digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected:
-            raise UserError(f"'{file}' does not match its manifest checksum; it changed after preparation.")

@@ -26,6 +26,7 @@ from rdkit import Chem
 
 from pharmafl.chem.standardize import ecfp_bits, fold_for_scaffold, murcko_scaffold, standardize_with_reason
 from pharmafl.errors import UserError
+from pharmafl.manifest import sha256_file
 
 FORMAT_VERSION = 1
 SITE_FILES = ("X.npz", "Y.npz", "values.npz", "folds.npy", "tasks.csv", "compounds.csv")
@@ -170,7 +171,7 @@ def prepare_chem(
                 f"{config.min_train_inactives} inactives; use fewer partners or a lower training quorum."
             )
 
-    source = {"path": str(input_path), "sha256": _sha256(path)}
+    source = {"path": str(input_path), "sha256": sha256_file(path)}
     x_all = _fingerprint_matrix(fingerprints, config.n_bits)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -677,7 +678,7 @@ def _write_site(
             "min_eval_inactives": config.min_eval_inactives,
         },
         "source": source,
-        "sha256": {name: _sha256(folder / name) for name in SITE_FILES},
+        "sha256": {name: sha256_file(folder / name) for name in SITE_FILES},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {
@@ -687,11 +688,3 @@ def _write_site(
         "labels": manifest["n_labels"],
         "assays": int(table["assay"].nunique()),
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pharmafl.errors import UserError
+from pharmafl.manifest import verify_checksums
 from pharmafl.proteins.binding_sites import ESM_ALPHABET, LABEL_CHARS, Chain
 
 FORMAT_VERSION = 1
@@ -110,31 +110,6 @@ def write_jsonl(path: Path, chains: list[Chain]) -> None:
             labels = (chain.labels.astype(np.uint8) + ord("0")).tobytes().decode("ascii")
             record = {"id": chain.id, "sequence": chain.sequence, "labels": labels, "source": chain.source}
             handle.write(json.dumps(record) + "\n")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_checksums(folder: Path) -> None:
-    """Raise a UserError unless every file the folder's manifest lists matches its sha256."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"The manifest at '{folder / 'manifest.json'}' is missing or not valid JSON.") from None
-    checksums = manifest.get("sha256") if isinstance(manifest, dict) else None
-    if not isinstance(checksums, dict) or not checksums:
-        raise UserError(f"The manifest at '{folder}' lists no checksums to verify.")
-    for name, expected in checksums.items():
-        file = folder / name
-        if not file.is_file():
-            raise UserError(f"'{file}' is listed in the manifest but missing; prepare the data again.")
-        if sha256(file) != expected:
-            raise UserError(f"'{file}' does not match its manifest checksum; it changed after preparation.")
 
 
 def _chain_from_line(line: str) -> Chain | None:

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from pharmafl.errors import UserError
+from pharmafl.manifest import sha256_file
 from pharmafl.proteins.binding_sites import SKIP_REASONS, Chain, read_chains, source_name
-from pharmafl.proteins.dataset import COMMON_TEST, FORMAT_VERSION, ProteinSplit, sha256, write_jsonl
+from pharmafl.proteins.dataset import COMMON_TEST, FORMAT_VERSION, ProteinSplit, write_jsonl
 
 SPLITS = ("iid", "label-skew", "by-source")
 
@@ -141,7 +142,7 @@ def prepare_binding_sites(
         say(f"note: {notes[-1]}")
 
     input_files = [
-        {"path": s["path"], "source": s["source"], "sha256": sha256(Path(s["path"]))} for s in input_summaries
+        {"path": s["path"], "source": s["source"], "sha256": sha256_file(Path(s["path"]))} for s in input_summaries
     ]
     for summary, file in zip(input_summaries, input_files, strict=True):
         summary["sha256"] = file["sha256"]
@@ -350,7 +351,7 @@ def _write_folder(folder: Path, name: str, parts: dict[str, list[Chain]], parame
         **stats,
         "parameters": parameters,
         "inputs": inputs,
-        "sha256": {f"{part}.jsonl": sha256(folder / f"{part}.jsonl") for part in parts},
+        "sha256": {f"{part}.jsonl": sha256_file(folder / f"{part}.jsonl") for part in parts},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return stats
