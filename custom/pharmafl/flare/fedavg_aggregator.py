@@ -1,4 +1,9 @@
-"""FedAvg aggregator that validates every contribution before it can touch the global model."""
+"""Aggregators that validate every contribution before it can touch the global model.
+
+``CheckedAggregator`` holds the FLARE side (round, sender and duplicate checks, weights, the record
+of what the server received); subclasses name what makes an update unusable and how to combine
+the accepted ones.
+"""
 
 from __future__ import annotations
 
@@ -21,17 +26,18 @@ from pharmafl.aggregation.weighted_mean import shapes_of, update_problem, weight
 CONTRIBUTIONS_LOG = "contributions.jsonl"
 
 
-class FedAvgAggregator(Aggregator):
+class CheckedAggregator(Aggregator):
     def __init__(self, expected_data_kind: str = DataKind.WEIGHT_DIFF, weigh_by_local_steps: bool = True):
-        """Weighted mean of the clients' updates.
+        """Accept only usable contributions; combine them with ``combine``.
 
         A contribution is rejected, logged and excluded when it comes from a stale round, is a
-        second contribution from the same site in one round, or has missing/extra keys, wrong
-        shapes or NaN/Inf values. Every contribution (accepted or not) is recorded, with the keys
-        it carried, in ``<run_dir>/contributions.jsonl``: the server-side record of what it received.
+        second contribution from the same site in one round, has the wrong data kind or weight, or
+        ``update_problem`` finds a defect in it (missing/extra keys, wrong shapes, NaN/Inf, ...).
+        Every contribution (accepted or not) is recorded, with the keys it carried, in
+        ``<run_dir>/contributions.jsonl``: the server-side record of what it received.
 
         Args:
-            expected_data_kind: ``WEIGHT_DIFF`` (default) or ``WEIGHTS``.
+            expected_data_kind: ``WEIGHT_DIFF`` or ``WEIGHTS``.
             weigh_by_local_steps: weigh by the number of local steps each client reports
                 (``MetaKey.NUM_STEPS_CURRENT_ROUND``); otherwise all clients weigh the same.
         """
@@ -70,7 +76,7 @@ class FedAvgAggregator(Aggregator):
                 keys,
                 f"data kind {dxo.data_kind}, expected {self.expected_data_kind}",
             )
-        problem = update_problem(dxo.data, self._expected_shapes(fl_ctx))
+        problem = self.update_problem(dxo.data, fl_ctx)
         if problem:
             return self._reject(fl_ctx, site, contribution_round, keys, problem)
         weight = 1.0
@@ -90,17 +96,24 @@ class FedAvgAggregator(Aggregator):
             self.log_warning(fl_ctx, f"round {current_round}: no valid contribution; the global model is unchanged")
             return DXO(data_kind=self.expected_data_kind, data={}).to_shareable()
         sites = sorted(self._updates)
-        mean = weighted_mean([self._updates[s][0] for s in sites], [self._updates[s][1] for s in sites])
-        total = sum(self._updates[s][1] for s in sites)
+        updates, weights = [self._updates[s][0] for s in sites], [self._updates[s][1] for s in sites]
+        combined = self.combine(updates, weights, fl_ctx)
         self.log_info(fl_ctx, f"round {current_round}: aggregated {len(sites)} contributions from {sites}")
         return DXO(
-            data_kind=self.expected_data_kind, data=mean, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: total}
+            data_kind=self.expected_data_kind, data=combined, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: sum(weights)}
         ).to_shareable()
+
+    def update_problem(self, update: dict, fl_ctx: FLContext) -> str | None:
+        """Why ``update`` cannot be aggregated, None if it can: keys and shapes of the global model, NaN/Inf."""
+        return update_problem(update, self.expected_shapes(fl_ctx))
+
+    def combine(self, updates: list[dict], weights: list[float], fl_ctx: FLContext) -> dict:
+        raise NotImplementedError
 
     def reset(self, fl_ctx: FLContext) -> None:
         self._updates = {}
 
-    def _expected_shapes(self, fl_ctx: FLContext) -> dict | None:
+    def expected_shapes(self, fl_ctx: FLContext) -> dict | None:
         global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         if global_model is not None and global_model.get(ModelLearnableKey.WEIGHTS):
             return shapes_of(global_model[ModelLearnableKey.WEIGHTS])
@@ -126,3 +139,10 @@ class FedAvgAggregator(Aggregator):
         entry = {"time": time.time(), "site": site, "round": contribution_round, "keys": keys, **fields}
         with open(os.path.join(run_dir, CONTRIBUTIONS_LOG), "a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+class FedAvgAggregator(CheckedAggregator):
+    """Weighted mean of the clients' updates (see ``CheckedAggregator`` for what is rejected)."""
+
+    def combine(self, updates: list[dict], weights: list[float], fl_ctx: FLContext) -> dict:
+        return weighted_mean(updates, weights)

@@ -1,0 +1,71 @@
+"""FRA-LoRA aggregator: the global LoRA adapter from the mean of the clients' full updates B·A."""
+
+from __future__ import annotations
+
+from nvflare.apis.dxo import DataKind
+from nvflare.apis.fl_context import FLContext
+
+from pharmafl.aggregation.fra_lora import check_lora_update, fra_lora_aggregate, fra_lora_from_deltas
+from pharmafl.aggregation.weighted_mean import shapes_of, update_problem
+from pharmafl.flare.fedavg_aggregator import CheckedAggregator
+
+UPLOADS = ("factors", "delta")
+RESIDUAL_POLICIES = ("drop", "carry")
+
+
+class FRALoRAAggregator(CheckedAggregator):
+    def __init__(
+        self,
+        rank: int = 16,
+        upload: str = "factors",
+        residual_policy: str = "drop",
+        weigh_by_local_steps: bool = True,
+    ):
+        """Weighted mean of the clients' B·A per LoRA module, truncated back to rank ``rank``.
+
+        Clients send their LoRA factors (``upload="factors"``, small) or each module's full update
+        (``upload="delta"``, keys ``<module>.delta``; what secure aggregation needs). Every other
+        entry (the classification head) is averaged. The result replaces the global adapter
+        (``WEIGHTS``). A client's factors with the wrong rank or shape, or NaN/Inf, are excluded.
+
+        Args:
+            rank: rank of the global adapter.
+            upload: ``factors`` or ``delta``, as the clients' executors are configured.
+            residual_policy: ``drop`` (default) or ``carry``: keep what truncation left out and add
+                it to the next round's mean, so no update is lost over rounds.
+            weigh_by_local_steps: weigh clients by their reported local steps.
+        """
+        super().__init__(expected_data_kind=DataKind.WEIGHTS, weigh_by_local_steps=weigh_by_local_steps)
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if upload not in UPLOADS:
+            raise ValueError(f"upload must be one of {UPLOADS}, got {upload!r}")
+        if residual_policy not in RESIDUAL_POLICIES:
+            raise ValueError(f"residual_policy must be one of {RESIDUAL_POLICIES}, got {residual_policy!r}")
+        self.rank = rank
+        self.upload = upload
+        self.residual_policy = residual_policy
+        self.residual = None
+
+    def expected_shapes(self, fl_ctx: FLContext) -> dict | None:
+        if self.upload == "delta":  # full updates do not have the global factors' shapes: the first one sets them
+            return shapes_of(next(iter(self._updates.values()))[0]) if self._updates else None
+        return super().expected_shapes(fl_ctx)
+
+    def update_problem(self, update: dict, fl_ctx: FLContext) -> str | None:
+        if self.upload == "delta":
+            return update_problem(update, self.expected_shapes(fl_ctx))
+        return check_lora_update(update, self.expected_shapes(fl_ctx), self.rank)
+
+    def combine(self, updates: list[dict], weights: list[float], fl_ctx: FLContext) -> dict:
+        aggregate = fra_lora_from_deltas if self.upload == "delta" else fra_lora_aggregate
+        result = aggregate(updates, weights, self.rank, residual=self.residual, residual_policy=self.residual_policy)
+        self.residual = result.residual
+        if result.retained_energy:
+            energies = sorted(result.retained_energy.values())
+            self.log_info(
+                fl_ctx,
+                f"FRA-LoRA rank {self.rank}: retained energy per module min {energies[0]:.4f}, "
+                f"median {energies[len(energies) // 2]:.4f} over {len(energies)} modules",
+            )
+        return result.factors

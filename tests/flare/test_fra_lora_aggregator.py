@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+from nvflare.apis.dxo import DataKind, from_shareable
+
+from pharmafl.aggregation.fra_lora import dense_mean_svd
+from pharmafl.flare.fra_lora_aggregator import FRALoRAAggregator
+
+from .test_fedavg_aggregator import contribution, make_context
+
+MODULE = "base_model.model.esm.encoder.layer.0.attention.self.query"
+A_KEY, B_KEY, HEAD = f"{MODULE}.lora_A.weight", f"{MODULE}.lora_B.weight", "classifier.weight"
+RANK, D_IN, D_OUT = 4, 12, 10
+
+
+def factors(seed, rank=RANK):
+    rng = np.random.default_rng(seed)
+    return {
+        A_KEY: rng.normal(size=(rank, D_IN)).astype(np.float32),
+        B_KEY: rng.normal(size=(D_OUT, rank)).astype(np.float32),
+        HEAD: rng.normal(size=(2, D_OUT)).astype(np.float32),
+    }
+
+
+def test_global_adapter_is_the_best_rank_r_approximation_of_the_mean_update():
+    aggregator = FRALoRAAggregator(rank=RANK)
+    fl_ctx = make_context(global_weights=factors(99))
+    clients = [factors(seed) for seed in range(3)]
+    steps = [10, 20, 30]
+    for index, (update, step) in enumerate(zip(clients, steps, strict=True)):
+        assert aggregator.accept(contribution(f"site-{index}", update, steps=step, kind=DataKind.WEIGHTS), fl_ctx)
+    result = from_shareable(aggregator.aggregate(fl_ctx))
+    assert result.data_kind == DataKind.WEIGHTS
+    U, S, Vt = dense_mean_svd([c[B_KEY] for c in clients], [c[A_KEY] for c in clients], steps, RANK)
+    np.testing.assert_allclose(result.data[B_KEY] @ result.data[A_KEY], (U * S) @ Vt, rtol=1e-4, atol=1e-4)
+    expected_head = np.average([c[HEAD] for c in clients], axis=0, weights=steps)
+    np.testing.assert_allclose(result.data[HEAD], expected_head, rtol=1e-5)
+    naive = np.average([c[B_KEY] for c in clients], axis=0, weights=steps) @ np.average(
+        [c[A_KEY] for c in clients], axis=0, weights=steps
+    )
+    assert not np.allclose(naive, (U * S) @ Vt, atol=1e-2)  # what separate averaging would have sent
+
+
+def test_wrong_rank_shape_or_nan_is_excluded_and_the_round_completes():
+    aggregator = FRALoRAAggregator(rank=RANK)
+    fl_ctx = make_context(global_weights=factors(99))
+    nan = factors(1)
+    nan[A_KEY][0, 0] = np.nan
+    wrong_shape = factors(2)
+    wrong_shape[HEAD] = np.zeros((3, D_OUT), dtype=np.float32)
+    for site, update in (("site-1", factors(1, rank=RANK + 2)), ("site-2", nan), ("site-3", wrong_shape)):
+        assert not aggregator.accept(contribution(site, update, kind=DataKind.WEIGHTS), fl_ctx)
+    good = factors(5)
+    assert aggregator.accept(contribution("site-4", good, kind=DataKind.WEIGHTS), fl_ctx)
+    result = from_shareable(aggregator.aggregate(fl_ctx))
+    np.testing.assert_allclose(result.data[B_KEY] @ result.data[A_KEY], good[B_KEY] @ good[A_KEY], atol=1e-4)
+    reasons = " ".join(r["reason"] for r in aggregator.rejections)
+    assert "rank" in reasons and "NaN" in reasons and "shape" in reasons
+
+
+def test_delta_uploads_give_the_same_adapter():
+    clients = [factors(seed) for seed in range(3)]
+    deltas = [{f"{MODULE}.delta": c[B_KEY] @ c[A_KEY], HEAD: c[HEAD]} for c in clients]
+    by_factors, by_delta = FRALoRAAggregator(rank=RANK), FRALoRAAggregator(rank=RANK, upload="delta")
+    fl_ctx = make_context(global_weights=factors(99))
+    for index in range(3):
+        assert by_factors.accept(contribution(f"s{index}", clients[index], kind=DataKind.WEIGHTS), fl_ctx)
+        assert by_delta.accept(contribution(f"s{index}", deltas[index], kind=DataKind.WEIGHTS), fl_ctx)
+    one, two = (from_shareable(a.aggregate(fl_ctx)).data for a in (by_factors, by_delta))
+    np.testing.assert_allclose(one[B_KEY] @ one[A_KEY], two[B_KEY] @ two[A_KEY], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"upload": "both"}, {"residual_policy": "keep"}])
+def test_invalid_configuration(kwargs):
+    with pytest.raises(ValueError):
+        FRALoRAAggregator(**kwargs)
