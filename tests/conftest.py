@@ -57,3 +57,34 @@ def gpsite_small(gpsite_dir, tmp_path_factory) -> Path:
     inputs = [str(gpsite_dir / "ATP_train.txt"), str(gpsite_dir / "HEM_train.txt")]
     prepare_binding_sites(inputs, str(out_dir), config, progress=None)
     return out_dir
+
+
+# esm fixtures
+# The public ESM-2 alphabet (fair-esm), in id order, and a tiny random ESM-2 geometry for fast tests.
+ESM_VOCAB = "<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O . - <null_1> <mask>".split()
+TINY_ESM = {
+    "vocab_size": 33,
+    "hidden_size": 16,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 64,
+    "position_embedding_type": "rotary",
+    "token_dropout": True,
+    "pad_token_id": 1,
+    "mask_token_id": 32,
+}
+
+
+@pytest.fixture(scope="session")
+def esm_vocab_file(tmp_path_factory) -> Path:
+    """A vocab.txt with the ESM-2 alphabet, for ``EsmTokenizer(vocab_file=...)``."""
+    path = tmp_path_factory.mktemp("esm_vocab") / "vocab.txt"
+    path.write_text("\n".join(ESM_VOCAB) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_esm_config(esm_vocab_file) -> dict:
+    """``EsmConfig`` kwargs of a 2-layer, hidden-16 random ESM-2, plus ``vocab_file`` (the executor's model_config)."""
+    return {**TINY_ESM, "vocab_file": str(esm_vocab_file)}

@@ -1,0 +1,181 @@
+"""Local training of ESM-2 + LoRA for per-residue binding-site prediction, shared by executors and baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import peft
+import torch
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, precision_score, recall_score, roc_auc_score
+from transformers import EsmTokenizer
+
+from pharmafl.errors import UserError
+from pharmafl.models.esm_lora import IGNORE_INDEX, encode_chains, load_lora_state, lora_state
+from pharmafl.proteins.binding_sites import Chain
+
+LORA_A_SUFFIX = ".lora_A.weight"
+LORA_B_SUFFIX = ".lora_B.weight"
+DELTA_SUFFIX = ".delta"
+
+
+@dataclass
+class BindingSiteConfig:
+    """Local training hyper-parameters.
+
+    ``grad_clip`` is the max gradient norm (0 turns clipping off); ``grad_noise_std`` adds N(0, std^2) noise to every
+    trainable gradient after clipping (0 = none); ``seed`` drives batch sampling and the noise.
+    """
+
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    local_steps: int = 20
+    max_length: int = 1000
+    grad_clip: float = 1.0
+    grad_noise_std: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise UserError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if self.batch_size <= 0:
+            raise UserError(f"batch_size must be positive, got {self.batch_size}.")
+        if self.local_steps < 0:
+            raise UserError(f"local_steps must not be negative, got {self.local_steps}.")
+        if self.grad_clip < 0:
+            raise UserError(f"grad_clip must be 0 (off) or positive, got {self.grad_clip}.")
+        if self.grad_noise_std < 0:
+            raise UserError(f"grad_noise_std must not be negative, got {self.grad_noise_std}.")
+
+
+def token_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Binary metrics over residues: accuracy, precision, recall, F1, MCC at ``threshold``, and AUC-ROC.
+
+    Undefined ratios count as 0 (sklearn ``zero_division=0``); AUC-ROC is NaN when only one class is present.
+    """
+    y_true = np.asarray(y_true).astype(int).ravel()
+    scores = np.asarray(scores, dtype=float).ravel()
+    if y_true.shape != scores.shape:
+        raise ValueError(f"got {y_true.size} labels but {scores.size} scores")
+    y_pred = (scores >= threshold).astype(int)
+    auc = float(roc_auc_score(y_true, scores)) if len(np.unique(y_true)) == 2 else float("nan")
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)) if y_true.size else float("nan"),
+        "precision": float(precision_score(y_true, y_pred, zero_division=0)),
+        "recall": float(recall_score(y_true, y_pred, zero_division=0)),
+        "f1": float(f1_score(y_true, y_pred, zero_division=0)),
+        "mcc": float(matthews_corrcoef(y_true, y_pred)) if y_true.size else 0.0,
+        "auc_roc": auc,
+    }
+
+
+class BindingSiteTrainer:
+    """Trains the trainable part (LoRA factors + classifier) of a PEFT ESM-2 token classifier on protein chains.
+
+    The optimiser is created once, so its moments carry over between federated rounds.
+    """
+
+    def __init__(
+        self,
+        model: peft.PeftModel,
+        tokenizer: EsmTokenizer,
+        train_chains: Sequence[Chain],
+        config: BindingSiteConfig | None = None,
+    ):
+        if not train_chains:
+            raise UserError("no training chains: the site's train.jsonl is empty.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chains = list(train_chains)
+        self.config = config or BindingSiteConfig()
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=self.config.learning_rate)
+        self.rng = np.random.default_rng(self.config.seed)
+        self.noise = torch.Generator().manual_seed(self.config.seed)
+        self.steps_done = 0
+        self.last_loss = float("nan")
+
+    def train(self, steps: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Run ``steps`` (default ``config.local_steps``) optimiser steps on random batches; returns steps taken."""
+        steps = self.config.local_steps if steps is None else steps
+        size = min(self.config.batch_size, len(self.chains))
+        self.model.train()
+        done = 0
+        for _ in range(steps):
+            if should_stop():
+                break
+            picked = [self.chains[i] for i in self.rng.choice(len(self.chains), size=size, replace=False)]
+            batch = encode_chains(
+                self.tokenizer, [c.sequence for c in picked], [c.labels for c in picked], self.config.max_length
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.model(**batch).loss
+            loss.backward()
+            if self.config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
+            if self.config.grad_noise_std > 0:
+                for parameter in self.parameters:
+                    if parameter.grad is not None:
+                        noise = torch.randn(parameter.grad.shape, generator=self.noise, dtype=parameter.grad.dtype)
+                        parameter.grad.add_(noise * self.config.grad_noise_std)
+            self.optimizer.step()
+            self.last_loss = float(loss.detach())
+            done += 1
+        self.steps_done += done
+        return done
+
+    @torch.no_grad()
+    def evaluate(self, chains: Sequence[Chain], batch_size: int = 16) -> dict[str, float]:
+        """Token-level metrics over real residues (special tokens and padding excluded) plus ``loss``."""
+        if not chains:
+            raise UserError("no chains to evaluate on.")
+        self.model.eval()
+        labels, scores, losses, weights = [], [], [], []
+        for start in range(0, len(chains), batch_size):
+            part = chains[start : start + batch_size]
+            batch = encode_chains(
+                self.tokenizer, [c.sequence for c in part], [c.labels for c in part], self.config.max_length
+            )
+            out = self.model(**batch)
+            real = batch["labels"] != IGNORE_INDEX
+            probabilities = torch.softmax(out.logits.float(), dim=-1)[..., 1]
+            labels.append(batch["labels"][real].numpy())
+            scores.append(probabilities[real].numpy())
+            losses.append(float(out.loss))
+            weights.append(int(real.sum()))
+        metrics = token_metrics(np.concatenate(labels), np.concatenate(scores))
+        metrics["loss"] = float(np.average(losses, weights=weights))
+        metrics["residues"] = float(sum(weights))
+        return metrics
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The trainable state (LoRA factors + classifier) under ``lora_state`` names."""
+        return lora_state(self.model)
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        load_lora_state(self.model, state)
+
+    def delta_state(self) -> dict[str, np.ndarray]:
+        """Per LoRA module the full update ``B @ A`` as ``<module>.delta``; other trainable entries as they are.
+
+        The delta does NOT include PEFT's ``alpha / r`` scaling: it is the product of the stored factors, so that
+        ``fra_lora_from_deltas`` refactorises the aggregated delta into ``lora_B``/``lora_A`` with the same
+        convention (the model applies ``alpha / r`` on top, as for any loaded factors).
+        """
+        return delta_from_factors(self.state())
+
+
+def delta_from_factors(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``<module>.lora_A.weight`` / ``.lora_B.weight`` pairs become ``<module>.delta = B @ A``; other keys pass."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        if key.endswith(LORA_A_SUFFIX):
+            module = key.removesuffix(LORA_A_SUFFIX)
+            b_key = module + LORA_B_SUFFIX
+            if b_key not in state:
+                raise ValueError(f"LoRA state has {key} but no {b_key}")
+            out[module + DELTA_SUFFIX] = np.asarray(state[b_key]) @ np.asarray(value)
+        elif not key.endswith(LORA_B_SUFFIX):
+            out[key] = np.asarray(value)
+    return out
