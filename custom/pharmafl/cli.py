@@ -86,7 +86,8 @@ def cmd_prepare_binding_sites(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from pharmafl.simulate import run_simulator
 
-    result = run_simulator(args.job, args.data, args.workspace, args.rounds, args.threads)
+    overrides = {"model": args.model} if args.model else None
+    result = run_simulator(args.job, args.data, args.workspace, args.rounds, args.threads, overrides)
     print(f"simulation finished in {result['wall_s']:.1f} s; results in {result['run_dir']}")
     return 0
 
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--workspace", required=True, help="simulator workspace (replaced)")
     simulate.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
     simulate.add_argument("--threads", type=int, default=None, help="clients run in parallel (default: all)")
+    simulate.add_argument("--model", default=None, help="ESM-2 jobs: hub name or local folder of the base model")
     simulate.set_defaults(func=cmd_simulate)
 
     baseline = commands.add_parser("baseline", help="non-federated baselines").add_subparsers(

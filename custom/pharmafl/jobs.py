@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from pharmafl.errors import UserError
+from pharmafl.proteins.dataset import COMMON_TEST
 
 SERVER_CONFIG = "app/config/config_fed_server.json"
 CLIENT_CONFIG = "app/config/config_fed_client.json"
@@ -88,11 +89,12 @@ def site_local_dir() -> Path:
 
 
 def prepared_sites(data_dir: str | Path) -> list[str]:
-    """Site folders (those with a manifest.json) of a prepared data folder, sorted."""
+    """Site folders (those with a manifest.json, except the shared common test set) of a prepared data folder."""
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"Data folder '{root}' does not exist; run `pharmafl prepare` first.")
-    sites = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file())
+    # common_test/ (binding-site data) is the test set every client shares, not a site.
+    sites = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file() and p.name != COMMON_TEST)
     if not sites:
         raise UserError(f"'{root}' holds no prepared site folders (no */manifest.json).")
     return sites
