@@ -4,6 +4,7 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_ESM
 from transformers import EsmConfig, EsmTokenizer
 
 from pharmafl.errors import UserError
@@ -28,31 +29,13 @@ def hub_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-# The public ESM-2 alphabet (fair-esm), in id order.
-ESM_VOCAB = "<cls> <pad> <eos> <unk> L A G V S E R T I D P K Q N F Y M H W C X B U Z O . - <null_1> <mask>".split()
-TINY = {
-    "vocab_size": 33,
-    "hidden_size": 16,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 32,
-    "max_position_embeddings": 64,
-    "position_embedding_type": "rotary",
-    "token_dropout": True,
-    "pad_token_id": 1,
-    "mask_token_id": 32,
-}
-
-
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> EsmTokenizer:
-    folder = tmp_path_factory.mktemp("esm_vocab")
-    (folder / "vocab.txt").write_text("\n".join(ESM_VOCAB) + "\n")
-    return EsmTokenizer(vocab_file=str(folder / "vocab.txt"))
+def tokenizer(esm_vocab_file) -> EsmTokenizer:
+    return EsmTokenizer(vocab_file=str(esm_vocab_file))
 
 
 def tiny_model(seed: int = 0):
-    return build_esm_lora_from_config(EsmConfig(**TINY), LoRASettings(rank=4, alpha=8), seed=seed).eval()
+    return build_esm_lora_from_config(EsmConfig(**TINY_ESM), LoRASettings(rank=4, alpha=8), seed=seed).eval()
 
 
 def test_only_lora_on_qkv_and_the_classifier_are_trainable():
