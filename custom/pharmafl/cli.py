@@ -111,6 +111,17 @@ def cmd_baseline_chem(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline_esm(args: argparse.Namespace) -> int:
+    from pharmafl.esm_baseline import run_esm_baseline
+
+    overrides = {"model": args.model} if args.model else None
+    summary = run_esm_baseline(args.data, args.out, args.job, args.mode, args.rounds, overrides)
+    for site, result in summary["sites"].items():
+        print(f"{site}: {args.mode} F1 {result['site']['f1']:.4f} (own test), {result['common']['f1']:.4f} (common)")
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pharmafl.report import write_report
 
@@ -209,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     baseline_chem.add_argument("--learning-rate", type=float, default=None, help="override the job's learning rate")
     baseline_chem.add_argument("--hidden-sizes", type=_ints, default=None, help="override the trunk layers")
     baseline_chem.set_defaults(func=cmd_baseline_chem)
+
+    baseline_esm = baseline.add_parser("esm", help="ESM-2 LoRA centralized or local training, same total steps")
+    baseline_esm.add_argument("--data", required=True, help="output of `pharmafl prepare binding-sites`")
+    baseline_esm.add_argument("--out", required=True)
+    baseline_esm.add_argument("--mode", default="centralized", choices=["centralized", "local"])
+    baseline_esm.add_argument("--job", default=str(repo_root() / "jobs" / "esm2_lora_fra"))
+    baseline_esm.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
+    baseline_esm.add_argument("--model", default=None, help="hub name or local folder of the base model")
+    baseline_esm.set_defaults(func=cmd_baseline_esm)
 
     report = commands.add_parser("report", help="summary.json, report.md and plots of a finished run")
     report.add_argument("workspace")
