@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    matthews_corrcoef,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
 
 def binary_auc(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -41,4 +49,25 @@ def summarize(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
         "auc_roc": float(np.mean([m["auc_roc"] for m in per_task.values()])),
         "auc_pr": float(np.mean([m["auc_pr"] for m in per_task.values()])),
         "tasks_evaluated": len(per_task),
+    }
+
+
+def token_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Binary metrics over residues: accuracy, precision, recall, F1, MCC at ``threshold``, and AUC-ROC.
+
+    Undefined ratios count as 0 (sklearn ``zero_division=0``); AUC-ROC is NaN when only one class is present.
+    """
+    y_true = np.asarray(y_true).astype(int).ravel()
+    scores = np.asarray(scores, dtype=float).ravel()
+    if y_true.shape != scores.shape:
+        raise ValueError(f"got {y_true.size} labels but {scores.size} scores")
+    y_pred = (scores >= threshold).astype(int)
+    auc = float(roc_auc_score(y_true, scores)) if len(np.unique(y_true)) == 2 else float("nan")
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)) if y_true.size else float("nan"),
+        "precision": float(precision_score(y_true, y_pred, zero_division=0)),
+        "recall": float(recall_score(y_true, y_pred, zero_division=0)),
+        "f1": float(f1_score(y_true, y_pred, zero_division=0)),
+        "mcc": float(matthews_corrcoef(y_true, y_pred)) if y_true.size else 0.0,
+        "auc_roc": auc,
     }

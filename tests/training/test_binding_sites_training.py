@@ -5,10 +5,11 @@ import pytest
 import torch
 from transformers import EsmConfig, EsmTokenizer
 
+from pharmafl.metrics import token_metrics
 from pharmafl.models.esm_lora import LoRASettings, build_esm_lora_from_config, encode_chains
 from pharmafl.proteins.binding_sites import Chain
 from pharmafl.proteins.dataset import load_client
-from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer, token_metrics
+from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer
 
 RANK, ALPHA = 4, 8
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import peft
 import torch
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, precision_score, recall_score, roc_auc_score
 from transformers import EsmTokenizer
 
 from pharmafl.errors import UserError
+from pharmafl.metrics import token_metrics
 from pharmafl.models.esm_lora import IGNORE_INDEX, encode_chains, load_lora_state, lora_state
 from pharmafl.proteins.binding_sites import Chain
 
@@ -47,27 +47,6 @@ class BindingSiteConfig:
             raise UserError(f"grad_clip must be 0 (off) or positive, got {self.grad_clip}.")
         if self.grad_noise_std < 0:
             raise UserError(f"grad_noise_std must not be negative, got {self.grad_noise_std}.")
-
-
-def token_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Binary metrics over residues: accuracy, precision, recall, F1, MCC at ``threshold``, and AUC-ROC.
-
-    Undefined ratios count as 0 (sklearn ``zero_division=0``); AUC-ROC is NaN when only one class is present.
-    """
-    y_true = np.asarray(y_true).astype(int).ravel()
-    scores = np.asarray(scores, dtype=float).ravel()
-    if y_true.shape != scores.shape:
-        raise ValueError(f"got {y_true.size} labels but {scores.size} scores")
-    y_pred = (scores >= threshold).astype(int)
-    auc = float(roc_auc_score(y_true, scores)) if len(np.unique(y_true)) == 2 else float("nan")
-    return {
-        "accuracy": float(accuracy_score(y_true, y_pred)) if y_true.size else float("nan"),
-        "precision": float(precision_score(y_true, y_pred, zero_division=0)),
-        "recall": float(recall_score(y_true, y_pred, zero_division=0)),
-        "f1": float(f1_score(y_true, y_pred, zero_division=0)),
-        "mcc": float(matthews_corrcoef(y_true, y_pred)) if y_true.size else 0.0,
-        "auc_roc": auc,
-    }
 
 
 class BindingSiteTrainer:
