@@ -1,3 +1,4 @@
+from pathlib import Path
 from unittest.mock import MagicMock
 
 import numpy as np
@@ -9,14 +10,15 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.flare.esm_lora_executor import ESMLoRAExecutor
+from pharmafl.flare.esm_lora_executor import FINAL_STATE_FILE, ESMLoRAExecutor
 
 SMALL = {"batch_size": 4, "local_steps": 3, "max_length": 64, "lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-2}
 
 
 @pytest.fixture
-def fl_ctx():
+def fl_ctx(tmp_path):
     engine = MagicMock()
+    engine.get_workspace.return_value.get_run_dir.return_value = str(tmp_path)
     log_writer = MagicMock()
     engine.get_component.return_value = log_writer
     context = FLContext()
@@ -56,6 +58,10 @@ def test_train_uploads_the_lora_state_and_streams_metrics(fl_ctx, gpsite_small, 
     result = executor.execute("validate", task(zeroed, round_number=1), fl_ctx, Signal())
     assert result.get_return_code(ReturnCode.OK) == ReturnCode.OK
     assert all(np.array_equal(executor.trainer.state()[k], v) for k, v in zeroed.items())
+
+    executor.handle_event(EventType.END_RUN, fl_ctx)  # the site keeps its final adapter and head
+    with np.load(Path(executor.run_dir) / FINAL_STATE_FILE) as saved:
+        assert set(saved.files) == set(zeroed)
 
 
 def test_upload_delta_sends_module_deltas(fl_ctx, gpsite_small, tiny_esm_config):

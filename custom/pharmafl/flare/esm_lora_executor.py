@@ -29,6 +29,9 @@ UPLOADS = ("factors", "delta")
 STREAMED_METRICS = ("f1", "mcc", "auc_roc", "precision", "recall", "loss")
 
 
+FINAL_STATE_FILE = "local_adapter.npz"
+
+
 class ESMLoRAExecutor(Executor):
     def __init__(
         self,
@@ -90,12 +93,18 @@ class ESMLoRAExecutor(Executor):
         self.site_test: list[Chain] = []
         self.common_test: list[Chain] = []
         self.log_writer = None
+        self.run_dir = ""
         self.last_round = -1
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
             engine = fl_ctx.get_engine()
+            self.run_dir = engine.get_workspace().get_run_dir(fl_ctx.get_job_id())
             self.log_writer = engine.get_component(self.log_writer_id) if self.log_writer_id else None
+        elif event_type == EventType.END_RUN and self.trainer is not None:
+            path = os.path.join(self.run_dir, FINAL_STATE_FILE)
+            np.savez(path, **self.trainer.state())
+            self.log_info(fl_ctx, f"saved this site's final adapter and head to {path}")
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in (self.train_task_name, self.validate_task_name):
