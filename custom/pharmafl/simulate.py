@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pharmafl.errors import UserError
-from pharmafl.flare.multitask_executor import DATA_ENV
+from pharmafl.flare.site_executor import DATA_ENV
 from pharmafl.jobs import prepared_sites, site_local_dir, write_job_copy
 
 # Lines of the simulator's output worth showing live; everything goes to <workspace>/simulate.log.

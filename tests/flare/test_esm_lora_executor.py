@@ -1,43 +1,23 @@
 from pathlib import Path
-from unittest.mock import MagicMock
 
 import numpy as np
 import pytest
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
-from nvflare.app_common.app_constant import AppConstants
 
 from pharmafl.flare.esm_lora_executor import FINAL_STATE_FILE, ESMLoRAExecutor
 
+from .conftest import task
+
 SMALL = {"batch_size": 4, "local_steps": 3, "max_length": 64, "lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-2}
-
-
-@pytest.fixture
-def fl_ctx(tmp_path):
-    engine = MagicMock()
-    engine.get_workspace.return_value.get_run_dir.return_value = str(tmp_path)
-    log_writer = MagicMock()
-    engine.get_component.return_value = log_writer
-    context = FLContext()
-    context.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=True)
-    context.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=True, sticky=True)
-    context.set_prop(ReservedKey.RUN_NUM, "job-1", private=True, sticky=True)
-    return context
 
 
 def started(fl_ctx, data_root, model_config, **kwargs) -> ESMLoRAExecutor:
     executor = ESMLoRAExecutor(data_root=str(data_root), model_config=model_config, **{**SMALL, **kwargs})
     executor.handle_event(EventType.START_RUN, fl_ctx)
     return executor
-
-
-def task(weights, round_number=0):
-    shareable = DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
-    shareable.set_header(AppConstants.CURRENT_ROUND, round_number)
-    return shareable
 
 
 def test_train_uploads_the_lora_state_and_streams_metrics(fl_ctx, gpsite_small, tiny_esm_config):

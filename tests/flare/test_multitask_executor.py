@@ -1,16 +1,14 @@
-from unittest.mock import MagicMock
-
 import numpy as np
 import pytest
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
-from nvflare.app_common.app_constant import AppConstants
 
 from pharmafl.flare.multitask_executor import FINAL_MODEL_FILE, HEAD_FILE, MultiTaskExecutor
 from pharmafl.models.multitask import TrunkModel
+
+from .conftest import task
 
 HIDDEN = [32]
 
@@ -20,26 +18,12 @@ def global_trunk(n_features=32000, hidden=HIDDEN):
 
 
 @pytest.fixture
-def started(tmp_path, chembl_small):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    engine = MagicMock()
-    engine.get_workspace.return_value.get_run_dir.return_value = str(run_dir)
-    log_writer = MagicMock()
-    engine.get_component.return_value = log_writer
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=True)
-    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=True, sticky=True)
-    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-1", private=True, sticky=True)
+def started(fl_ctx, tmp_path, chembl_small):
+    run_dir = tmp_path
+    log_writer = fl_ctx.get_engine().get_component.return_value
     executor = MultiTaskExecutor(data_root=str(chembl_small), local_epochs=1, batch_size=256)
     executor.handle_event(EventType.START_RUN, fl_ctx)
     return executor, fl_ctx, run_dir, log_writer
-
-
-def task(weights, round_number=0):
-    shareable = DXO(data_kind=DataKind.WEIGHTS, data=weights).to_shareable()
-    shareable.set_header(AppConstants.CURRENT_ROUND, round_number)
-    return shareable
 
 
 def test_train_returns_only_the_trunk_update_and_keeps_the_head(started):

@@ -5,17 +5,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.event_type import EventType
-from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.errors import UserError
-from pharmafl.flare.multitask_executor import site_data_dir
+from pharmafl.flare.site_executor import SiteTrainingExecutor, site_data_dir
 from pharmafl.models.esm_lora import (
     LoRASettings,
     load_esm_lora,
@@ -32,7 +26,9 @@ STREAMED_METRICS = ("f1", "mcc", "auc_roc", "precision", "recall", "loss")
 FINAL_STATE_FILE = "local_adapter.npz"
 
 
-class ESMLoRAExecutor(Executor):
+class ESMLoRAExecutor(SiteTrainingExecutor):
+    streamed_metrics = STREAMED_METRICS
+
     def __init__(
         self,
         data_root: str = "",
@@ -69,10 +65,9 @@ class ESMLoRAExecutor(Executor):
                 B @ A, unscaled, + classifier) for ``fra_lora_from_deltas``.
             log_writer_id: id of a FLARE ``TBWriter``; metrics stream to the server's TensorBoard through it.
         """
-        super().__init__()
+        super().__init__(data_root, log_writer_id, train_task_name, validate_task_name)
         if upload not in UPLOADS:
             raise ValueError(f"upload must be one of {UPLOADS}, got {upload!r}")
-        self.data_root = data_root
         self.model_name = model
         self.model_config = dict(model_config) if model_config else None
         self.lora = LoRASettings(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
@@ -86,76 +81,31 @@ class ESMLoRAExecutor(Executor):
             seed=seed,
         )
         self.upload = upload
-        self.log_writer_id = log_writer_id
-        self.train_task_name = train_task_name
-        self.validate_task_name = validate_task_name
-        self.trainer: BindingSiteTrainer | None = None
         self.site_test: list[Chain] = []
         self.common_test: list[Chain] = []
-        self.log_writer = None
-        self.run_dir = ""
-        self.last_round = -1
 
-    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        if event_type == EventType.START_RUN:
-            engine = fl_ctx.get_engine()
-            self.run_dir = engine.get_workspace().get_run_dir(fl_ctx.get_job_id())
-            self.log_writer = engine.get_component(self.log_writer_id) if self.log_writer_id else None
-        elif event_type == EventType.END_RUN and self.trainer is not None:
-            path = os.path.join(self.run_dir, FINAL_STATE_FILE)
-            np.savez(path, **self.trainer.state())
-            self.log_info(fl_ctx, f"saved this site's final adapter and head to {path}")
+    def prepare(self, global_weights: dict, fl_ctx: FLContext) -> BindingSiteTrainer:
+        trainer = self._trainer(fl_ctx)
+        if global_weights:  # round 0 may send nothing: keep the (seeded, identical on every site) local init
+            trainer.load_state(global_weights)
+        return trainer
 
-    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if task_name not in (self.train_task_name, self.validate_task_name):
-            return make_reply(ReturnCode.TASK_UNKNOWN)
-        try:
-            dxo = from_shareable(shareable)
-            if dxo.data_kind != DataKind.WEIGHTS:
-                raise ValueError(f"expected global LoRA WEIGHTS, got {dxo.data_kind}")
-            trainer = self._trainer(fl_ctx)
-            if dxo.data:  # round 0 may send nothing: keep the (seeded, identical on every site) local init
-                trainer.load_state(dxo.data)
-        except (UserError, ValueError) as err:
-            self.log_error(fl_ctx, f"cannot run {task_name}: {err}")
-            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
-        if task_name == self.validate_task_name:
-            return self._validate(trainer, fl_ctx)
-        return self._train(trainer, fl_ctx, abort_signal, current_round)
-
-    def _train(self, trainer: BindingSiteTrainer, fl_ctx: FLContext, abort_signal: Signal, current_round) -> Shareable:
-        # Score the global model first: the per-round curve of the federated model.
-        self._evaluate_and_stream(trainer, current_round)
-        self.last_round = current_round
+    def train_round(self, trainer: BindingSiteTrainer, fl_ctx: FLContext, abort_signal: Signal) -> tuple[int, dict]:
         steps = trainer.train(should_stop=lambda: abort_signal.triggered)
-        if abort_signal.triggered:
-            return make_reply(ReturnCode.TASK_ABORTED)
-        data = trainer.state() if self.upload == "factors" else trainer.delta_state()
-        self.log_info(
-            fl_ctx,
-            f"round {current_round}: {steps} local steps, last loss {trainer.last_loss:.4f}, upload {self.upload}",
-        )
-        return DXO(data_kind=DataKind.WEIGHTS, data=data, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}).to_shareable()
+        self.log_info(fl_ctx, f"last loss {trainer.last_loss:.4f}, upload {self.upload}")
+        return steps, trainer.state() if self.upload == "factors" else trainer.delta_state()
 
-    def _validate(self, trainer: BindingSiteTrainer, fl_ctx: FLContext) -> Shareable:
-        metrics = self._evaluate_and_stream(trainer, self.last_round + 1)
-        self.log_info(
-            fl_ctx,
-            f"site test F1 {metrics['site']['f1']:.4f}, MCC {metrics['site']['mcc']:.4f}; "
-            f"common test F1 {metrics['common']['f1']:.4f}, MCC {metrics['common']['mcc']:.4f}",
-        )
-        return DXO(data_kind=DataKind.METRICS, data=metrics).to_shareable()
+    def evaluate(self, trainer: BindingSiteTrainer) -> dict[str, dict]:
+        """Token metrics on the site's own test set (streamed as ``test/...``) and the common test set."""
+        return {"test": trainer.evaluate(self.site_test), "common": trainer.evaluate(self.common_test)}
 
-    def _evaluate_and_stream(self, trainer: BindingSiteTrainer, step: int) -> dict[str, dict[str, float]]:
-        """Metrics on the site's own test set and on the common test set, streamed to TensorBoard at ``step``."""
-        metrics = {"site": trainer.evaluate(self.site_test), "common": trainer.evaluate(self.common_test)}
-        if self.log_writer is not None:
-            for prefix, values in (("test", metrics["site"]), ("common", metrics["common"])):
-                for name in STREAMED_METRICS:
-                    if np.isfinite(values[name]):
-                        self.log_writer.add_scalar(f"{prefix}/{name}", values[name], global_step=step)
-        return metrics
+    def validation_result(self, metrics: dict[str, dict]) -> dict:
+        return {"site": metrics["test"], "common": metrics["common"]}
+
+    def save_final(self, trainer: BindingSiteTrainer, fl_ctx: FLContext) -> None:
+        path = os.path.join(self.run_dir, FINAL_STATE_FILE)
+        np.savez(path, **trainer.state())
+        self.log_info(fl_ctx, f"saved this site's final adapter and head to {path}")
 
     def _trainer(self, fl_ctx: FLContext) -> BindingSiteTrainer:
         if self.trainer is not None:

@@ -1,0 +1,124 @@
+"""The FLARE side every pharmafl training executor shares: task dispatch, errors, metrics streaming, run folder.
+
+A subclass says how to get its trainer ready with the global model (``prepare``), what one round of local
+training uploads (``train_round``), how it scores a model (``evaluate``) and what a site keeps at the end
+(``save_final``). Everything here is the same for the multi-task and the ESM-2 LoRA executors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from pharmafl.errors import UserError
+
+DATA_ENV = "PHARMAFL_DATA"
+
+
+def site_data_dir(data_root: str, site: str) -> str:
+    """Where a site's prepared data lives: ``<data_root>/<site>``, data_root from the job or $PHARMAFL_DATA."""
+    root = os.path.expanduser(os.path.expandvars(data_root or os.environ.get(DATA_ENV, "")))
+    if not root:
+        raise UserError(f"no data location: set the executor's data_root or the {DATA_ENV} environment variable")
+    return os.path.join(root, site)
+
+
+class SiteTrainingExecutor(Executor):
+    #: data kind of the upload (WEIGHT_DIFF for the trunk update, WEIGHTS for LoRA factors)
+    upload_kind = DataKind.WEIGHTS
+    #: metric names streamed to TensorBoard, per metric set
+    streamed_metrics: Iterable[str] = ()
+
+    def __init__(self, data_root: str, log_writer_id: str, train_task_name: str, validate_task_name: str):
+        super().__init__()
+        self.data_root = data_root
+        self.log_writer_id = log_writer_id
+        self.train_task_name = train_task_name
+        self.validate_task_name = validate_task_name
+        self.trainer = None
+        self.run_dir = ""
+        self.log_writer = None
+        self.last_round = -1
+
+    # -- what a subclass provides
+    def prepare(self, global_weights: dict, fl_ctx: FLContext):
+        """The site's trainer, holding the global model it was sent (UserError/ValueError for bad input)."""
+        raise NotImplementedError
+
+    def train_round(self, trainer, fl_ctx: FLContext, abort_signal: Signal) -> tuple[int, dict]:
+        """(local steps, arrays to upload)."""
+        raise NotImplementedError
+
+    def evaluate(self, trainer) -> dict[str, dict]:
+        """Metric sets by name (e.g. ``test``, ``validation``); each a dict of metrics."""
+        raise NotImplementedError
+
+    def save_final(self, trainer, fl_ctx: FLContext) -> None:
+        """Keep the site's final model in ``self.run_dir`` at the end of the run."""
+
+    def validation_result(self, metrics: dict[str, dict]) -> dict:
+        """The METRICS payload of the ``validate`` task."""
+        return metrics
+
+    # -- the shared FLARE side
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            engine = fl_ctx.get_engine()
+            self.run_dir = engine.get_workspace().get_run_dir(fl_ctx.get_job_id())
+            self.log_writer = engine.get_component(self.log_writer_id) if self.log_writer_id else None
+        elif event_type == EventType.END_RUN and self.trainer is not None:
+            self.save_final(self.trainer, fl_ctx)
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if task_name not in (self.train_task_name, self.validate_task_name):
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        try:
+            dxo = from_shareable(shareable)
+            if dxo.data_kind != DataKind.WEIGHTS:
+                raise ValueError(f"expected global model WEIGHTS, got {dxo.data_kind}")
+            trainer = self.prepare(dxo.data or {}, fl_ctx)
+        except (UserError, ValueError) as err:
+            self.log_error(fl_ctx, f"cannot run {task_name}: {err}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        if task_name == self.validate_task_name:
+            # The final global model is scored one step after the last training round.
+            metrics = self.evaluate_and_stream(trainer, self.last_round + 1)
+            self.log_info(fl_ctx, f"final global model: {self._summary(metrics)}")
+            return DXO(data_kind=DataKind.METRICS, data=self.validation_result(metrics)).to_shareable()
+        current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
+        # Score the global model with this site's private parts first: the per-round curve of the federation.
+        self.evaluate_and_stream(trainer, current_round)
+        self.last_round = current_round
+        steps, upload = self.train_round(trainer, fl_ctx, abort_signal)
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        self.log_info(fl_ctx, f"round {current_round}: {steps} local steps, uploading {len(upload)} arrays")
+        return DXO(
+            data_kind=self.upload_kind, data=upload, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}
+        ).to_shareable()
+
+    def evaluate_and_stream(self, trainer, step: int) -> dict[str, dict]:
+        """``evaluate``, streamed to the server's TensorBoard at ``step`` as ``<set>/<metric>``."""
+        metrics = self.evaluate(trainer)
+        if self.log_writer is not None:
+            for prefix, values in metrics.items():
+                for name in self.streamed_metrics:
+                    if np.isfinite(values[name]):
+                        self.log_writer.add_scalar(f"{prefix}/{name}", values[name], global_step=step)
+        return metrics
+
+    def _summary(self, metrics: dict[str, dict]) -> str:
+        return "; ".join(
+            f"{prefix} " + ", ".join(f"{name} {values[name]:.4f}" for name in self.streamed_metrics if name in values)
+            for prefix, values in metrics.items()
+        )
