@@ -87,8 +87,18 @@ def test_bad_rows_are_counted_not_fatal(tmp_path):
         ["simulate", "jobs/nope", "--data", "x", "--workspace", "w"],
         ["report", "no_such_workspace"],
         ["baseline", "chem", "--data", "no_such_data", "--out", "o"],
+        ["simulate", "jobs/multitask_fedavg", "--data", "x", "--workspace", "w", "--set", "no_equals_sign"],
     ],
 )
 def test_other_commands_fail_cleanly(command, tmp_path):
     result = pharmafl(*command, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_set_reads_json_values_and_keeps_strings():
+    from pharmafl.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["simulate", "j", "--data", "d", "--workspace", "w", "--set", "grad_noise_std=1e-4", "--set", "upload=delta"]
+    )
+    assert args.set == [("grad_noise_std", 1e-4), ("upload", "delta")]

@@ -17,6 +17,8 @@ def test_baseline_takes_the_federation_total_steps(mode, steps, gpsite_small, ti
     assert set(summary["sites"]) == {"site-1", "site-2"}
     for result in summary["sites"].values():
         assert 0.0 <= result["site"]["f1"] <= 1.0 and result["common"]["residues"] > 0
+        # scored before training and after each of the 2 rounds; the last point is the final result
+        assert len(result["curve"]) == 3 and result["curve"][-1]["site"] == result["site"]
     assert json.loads((tmp_path / "summary.json").read_text())["mode"] == mode
 
 

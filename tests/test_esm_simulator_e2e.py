@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from pharmafl.esm_baseline import run_esm_baseline
 from pharmafl.flare.state_persistor import STATE_FILE
 from pharmafl.jobs import repo_root
+from pharmafl.report import ESM_METRICS, write_report
 from pharmafl.simulate import run_simulator
 
 pytestmark = pytest.mark.slow
@@ -31,3 +33,24 @@ def test_lora_job_runs_and_reports(job, gpsite_small, tiny_esm_config, tmp_path)
         lora_a = [name for name in state.files if name.endswith("lora_A.weight")]
         assert lora_a and all(state[name].shape[0] == 16 for name in lora_a)  # rank 16 adapter
         assert all(np.isfinite(state[name]).all() for name in state.files)
+
+
+def test_report_compares_the_federation_with_centralized_training(gpsite_small, tiny_esm_config, tmp_path):
+    overrides = {"model": "", "model_config": tiny_esm_config, "local_steps": 2, "batch_size": 4, "max_length": 64}
+    job = repo_root() / "jobs" / "esm2_lora_fra"
+    run_simulator(job, gpsite_small, tmp_path / "ws", rounds=2, executor_overrides=overrides, quiet=True)
+    run_esm_baseline(gpsite_small, tmp_path / "central", job, "centralized", 2, overrides, progress=lambda _: None)
+    summary, table = write_report(tmp_path / "ws", [tmp_path / "central"])
+    assert summary["kind"] == "esm_lora" and summary["baselines"]["centralized"]["steps"] == 2 * 2 * 2
+    assert set(summary["sites"]) == {"site-1", "site-2"}
+    for entry in summary["sites"].values():
+        for model in ("federated", "centralized", "federated_common", "centralized_common"):
+            assert set(entry[model]) == set(ESM_METRICS)
+        assert entry["f1_minus_centralized"] == entry["federated"]["f1"] - entry["centralized"]["f1"]
+        # round 0 (untrained), round 1, and the final model after round 2, for the federation and the baseline
+        assert [len(entry["curves"][m]["f1"]) for m in ("federated", "centralized")] == [3, 3]
+        assert entry["curves"]["federated"]["f1"][-1] == pytest.approx(entry["federated"]["f1"])
+    assert "centralized" in table
+    on_disk = json.loads((tmp_path / "ws/report/summary.json").read_text())
+    assert on_disk["sites"].keys() == summary["sites"].keys()
+    assert (tmp_path / "ws/report/metrics_per_round.png").stat().st_size > 0

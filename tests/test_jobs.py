@@ -42,3 +42,5 @@ def test_job_copy_overrides_rounds_clients_and_executor_args(tmp_path):
         write_job_copy(job, tmp_path, num_rounds=0)
     with pytest.raises(UserError, match="does not exist"):
         write_job_copy(tmp_path / "missing", tmp_path)
+    with pytest.raises(UserError, match="MultiTaskExecutor has no argument learning_rat"):
+        write_job_copy(job, tmp_path, executor_overrides={"learning_rat": 0.1})

@@ -29,6 +29,24 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in _floats(text)]
 
 
+def _assignment(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` with VALUE read as JSON when it is JSON (numbers, true/false, lists), else as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _executor_overrides(args: argparse.Namespace) -> dict | None:
+    overrides = dict(args.set or [])
+    if getattr(args, "model", None):
+        overrides["model"] = args.model
+    return overrides or None
+
+
 def _default_chem_input() -> str:
     return str(DEFAULT_CHEMBL) if DEFAULT_CHEMBL.is_file() else CHEMBL_URL
 
@@ -86,8 +104,7 @@ def cmd_prepare_binding_sites(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from pharmafl.simulate import run_simulator
 
-    overrides = {"model": args.model} if args.model else None
-    result = run_simulator(args.job, args.data, args.workspace, args.rounds, args.threads, overrides)
+    result = run_simulator(args.job, args.data, args.workspace, args.rounds, args.threads, _executor_overrides(args))
     print(f"simulation finished in {result['wall_s']:.1f} s; results in {result['run_dir']}")
     return 0
 
@@ -114,8 +131,7 @@ def cmd_baseline_chem(args: argparse.Namespace) -> int:
 def cmd_baseline_esm(args: argparse.Namespace) -> int:
     from pharmafl.esm_baseline import run_esm_baseline
 
-    overrides = {"model": args.model} if args.model else None
-    summary = run_esm_baseline(args.data, args.out, args.job, args.mode, args.rounds, overrides)
+    summary = run_esm_baseline(args.data, args.out, args.job, args.mode, args.rounds, _executor_overrides(args))
     for site, result in summary["sites"].items():
         print(f"{site}: {args.mode} F1 {result['site']['f1']:.4f} (own test), {result['common']['f1']:.4f} (common)")
     print(f"wrote {Path(args.out) / 'summary.json'}")
@@ -206,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
     simulate.add_argument("--threads", type=int, default=None, help="clients run in parallel (default: all)")
     simulate.add_argument("--model", default=None, help="ESM-2 jobs: hub name or local folder of the base model")
+    simulate.add_argument(
+        "--set",
+        action="append",
+        type=_assignment,
+        metavar="NAME=VALUE",
+        help="override an executor argument of the job (repeatable), e.g. --set grad_noise_std=1e-4",
+    )
     simulate.set_defaults(func=cmd_simulate)
 
     baseline = commands.add_parser("baseline", help="non-federated baselines").add_subparsers(
@@ -228,11 +251,23 @@ def build_parser() -> argparse.ArgumentParser:
     baseline_esm.add_argument("--job", default=str(repo_root() / "jobs" / "esm2_lora_fra"))
     baseline_esm.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
     baseline_esm.add_argument("--model", default=None, help="hub name or local folder of the base model")
+    baseline_esm.add_argument(
+        "--set",
+        action="append",
+        type=_assignment,
+        metavar="NAME=VALUE",
+        help="override an executor argument of the job (repeatable), e.g. --set grad_noise_std=1e-4",
+    )
     baseline_esm.set_defaults(func=cmd_baseline_esm)
 
     report = commands.add_parser("report", help="summary.json, report.md and plots of a finished run")
     report.add_argument("workspace")
-    report.add_argument("--baseline", default=None, help="output folder of `pharmafl baseline`")
+    report.add_argument(
+        "--baseline",
+        action="append",
+        default=None,
+        help="output folder of `pharmafl baseline` (repeat for ESM runs: centralized and local)",
+    )
     report.set_defaults(func=cmd_report)
 
     bench = commands.add_parser("bench", help="benchmarks (JSON on the last line)").add_subparsers(

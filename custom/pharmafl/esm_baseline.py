@@ -2,7 +2,8 @@
 
 ``centralized``: one model on all clients' training chains pooled, for rounds x local_steps x clients steps
 (the steps the federation takes in all). ``local``: each client alone for rounds x local_steps steps.
-Both are scored like the executor's final validation: each client's own test set and the common test set.
+Both are scored like the federation: each client's own test set and the common test set, before training and
+after every round's worth of steps (the per-round curves of `pharmafl report`), the last point being the final.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from pharmafl.proteins.dataset import load_client, load_common_test
 from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer
 
 MODES = ("centralized", "local")
-TRAIN_ARGS = ("learning_rate", "batch_size", "local_steps", "max_length", "grad_clip", "grad_noise_std", "seed")
+TRAIN_ARGS = (
+    "learning_rate",
+    "batch_size",
+    "local_steps",
+    "max_length",
+    "grad_clip",
+    "grad_noise_std",
+    "class_weight",
+    "seed",
+)
 
 
 def run_esm_baseline(
@@ -49,24 +59,35 @@ def run_esm_baseline(
         model, tokenizer = load_esm_lora(args.get("model", ""), args.get("model_config"), lora, config.seed)
         return BindingSiteTrainer(model, tokenizer, chains, config)
 
-    def scores(trainer, site):
-        return {"site": trainer.evaluate(test[site]), "common": trainer.evaluate(common)}
+    def score(trainer, scored_sites, curves):
+        on_common = trainer.evaluate(common)
+        for site in scored_sites:
+            curves.setdefault(site, []).append({"site": trainer.evaluate(test[site]), "common": on_common})
+
+    def train_with_curves(trainer, steps_per_round, scored_sites):
+        """Train ``rounds`` x ``steps_per_round`` steps; score before and after each round."""
+        curves: dict[str, list[dict]] = {}
+        score(trainer, scored_sites, curves)
+        for round_number in range(rounds):
+            trainer.train(steps_per_round)
+            score(trainer, scored_sites, curves)
+            progress(f"{mode} round {round_number + 1}/{rounds}: loss {trainer.last_loss:.4f}")
+        return curves
 
     start = time.perf_counter()
-    results = {}
+    curves: dict[str, list[dict]] = {}
     if mode == "centralized":
         steps = rounds * config.local_steps * len(sites)
         trainer = fresh_trainer([chain for site in sites for chain in train[site]])
-        trainer.train(steps)
         progress(f"centralized: {steps} steps on {sum(len(c) for c in train.values())} chains")
-        results = {site: scores(trainer, site) for site in sites}
+        curves = train_with_curves(trainer, config.local_steps * len(sites), sites)
     else:
         steps = rounds * config.local_steps
         for site in sites:
             trainer = fresh_trainer(train[site])
-            trainer.train(steps)
             progress(f"{site} alone: {steps} steps on {len(train[site])} chains")
-            results[site] = scores(trainer, site)
+            curves.update(train_with_curves(trainer, config.local_steps, [site]))
+    results = {site: {**curve[-1], "curve": curve} for site, curve in curves.items()}
     summary = {
         "mode": mode,
         "job": str(job_dir),

@@ -1,7 +1,9 @@
-"""Reading and adapting the FLARE job folders under jobs/ (pure JSON, no nvflare imports)."""
+"""Reading and adapting the FLARE job folders under jobs/ (JSON; executor classes imported only to check overrides)."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -50,6 +52,13 @@ def executor_args(job_dir: str | Path) -> dict:
     return dict(find_component(job_configs(job_dir)[1], "executor").get("args", {}))
 
 
+def accepted_arguments(class_path: str) -> set[str]:
+    """The constructor argument names of the component class at ``class_path`` (e.g. a job's executor)."""
+    module_name, _, class_name = class_path.rpartition(".")
+    component = getattr(importlib.import_module(module_name), class_name)
+    return set(inspect.signature(component.__init__).parameters) - {"self"}
+
+
 def write_job_copy(
     job_dir: str | Path,
     out_dir: str | Path,
@@ -74,7 +83,11 @@ def write_job_copy(
         meta["min_clients"] = min_clients
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if executor_overrides:
-        find_component(client, "executor").setdefault("args", {}).update(executor_overrides)
+        executor = find_component(client, "executor")
+        unknown = sorted(set(executor_overrides) - accepted_arguments(executor["path"]))
+        if unknown:
+            raise UserError(f"{executor['path']} has no argument {', '.join(unknown)}.")
+        executor.setdefault("args", {}).update(executor_overrides)
     (out / SERVER_CONFIG).write_text(json.dumps(server, indent=2) + "\n")
     (out / CLIENT_CONFIG).write_text(json.dumps(client, indent=2) + "\n")
     return out

@@ -5,11 +5,12 @@ import pytest
 import torch
 from transformers import EsmConfig, EsmTokenizer
 
+from pharmafl.errors import UserError
 from pharmafl.metrics import token_metrics
 from pharmafl.models.esm_lora import LoRASettings, build_esm_lora_from_config, encode_chains
 from pharmafl.proteins.binding_sites import Chain
 from pharmafl.proteins.dataset import load_client
-from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer
+from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer, class_weights
 
 RANK, ALPHA = 4, 8
 
@@ -32,7 +33,8 @@ def make_trainer(tiny_esm_config, tokenizer, chains, **overrides) -> BindingSite
 
 
 def test_training_lowers_the_loss_and_moves_only_trainable_weights(tiny_esm_config, tokenizer, chains):
-    trainer = make_trainer(tiny_esm_config, tokenizer, chains)
+    # evaluate() reports the plain cross-entropy, so train on that one here
+    trainer = make_trainer(tiny_esm_config, tokenizer, chains, class_weight="none")
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     before_state = trainer.state()
     loss_before = trainer.evaluate(chains)["loss"]
@@ -118,3 +120,26 @@ def test_delta_state_is_the_unscaled_product_of_the_factors(tiny_esm_config, tok
     scaled = layer.get_delta_weight("default").detach().numpy()
     key = next(m for m in modules if m.endswith("layer.0.attention.self.query")) + ".delta"
     np.testing.assert_allclose(scaled, delta[key] * ALPHA / RANK, rtol=1e-5, atol=1e-7)
+
+
+def test_balanced_class_weights_follow_the_residue_counts():
+    chains = [
+        Chain("a", "ACDEFGHIKL", np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=np.int8), "x"),
+        Chain("b", "ACDEFGHIKL", np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=np.int8), "x"),
+    ]
+    # 20 residues, 2 binding: 20 / (2 * 18) and 20 / (2 * 2)
+    assert class_weights(chains).tolist() == pytest.approx([20 / 36, 5.0])
+    negatives_only = [Chain("c", "ACDE", np.zeros(4, dtype=np.int8), "x")]
+    assert class_weights(negatives_only).tolist() == [1.0, 1.0]
+
+
+def test_class_weighting_changes_training_and_unknown_values_are_refused(tiny_esm_config, tokenizer, chains):
+    weighted = make_trainer(tiny_esm_config, tokenizer, chains, local_steps=3)
+    plain = make_trainer(tiny_esm_config, tokenizer, chains, local_steps=3, class_weight="none")
+    weighted.train()
+    plain.train()
+    assert weighted.loss_weights is not None and weighted.loss_weights[1] > weighted.loss_weights[0]
+    assert plain.loss_weights is None
+    assert any(not np.allclose(weighted.state()[k], plain.state()[k]) for k in plain.state())
+    with pytest.raises(UserError, match="class_weight"):
+        BindingSiteConfig(class_weight="inverse")

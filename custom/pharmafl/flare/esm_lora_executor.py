@@ -20,7 +20,7 @@ from pharmafl.proteins.dataset import load_client, load_common_test
 from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer
 
 UPLOADS = ("factors", "delta")
-STREAMED_METRICS = ("f1", "mcc", "auc_roc", "precision", "recall", "loss")
+STREAMED_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "auc_roc", "loss")
 
 
 FINAL_STATE_FILE = "local_adapter.npz"
@@ -43,6 +43,7 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
         max_length: int = 1000,
         grad_clip: float = 1.0,
         grad_noise_std: float = 0.0,
+        class_weight: str = "balanced",
         seed: int = 0,
         upload: str = "factors",
         log_writer_id: str = "log_writer",
@@ -59,7 +60,7 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
                 weights (tests, smoke runs). The vocabulary comes from ``model`` if given, else from a
                 ``vocab_file`` key in this dict.
             lora_rank, lora_alpha, lora_dropout: LoRA settings (same on every site).
-            learning_rate, batch_size, local_steps, max_length, grad_clip, grad_noise_std, seed: see
+            learning_rate, batch_size, local_steps, max_length, grad_clip, grad_noise_std, class_weight, seed: see
                 ``BindingSiteConfig``. ``seed`` also seeds the LoRA/head initialisation, so it must agree across sites.
             upload: ``factors`` (the ``lora_state``: A/B factors + classifier) or ``delta`` (``<module>.delta`` =
                 B @ A, unscaled, + classifier) for ``fra_lora_from_deltas``.
@@ -78,6 +79,7 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
             max_length=max_length,
             grad_clip=grad_clip,
             grad_noise_std=grad_noise_std,
+            class_weight=class_weight,
             seed=seed,
         )
         self.upload = upload

@@ -18,6 +18,7 @@ from pharmafl.proteins.binding_sites import Chain
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
 DELTA_SUFFIX = ".delta"
+CLASS_WEIGHTS = ("balanced", "none")
 
 
 @dataclass
@@ -25,7 +26,10 @@ class BindingSiteConfig:
     """Local training hyper-parameters.
 
     ``grad_clip`` is the max gradient norm (0 turns clipping off); ``grad_noise_std`` adds N(0, std^2) noise to every
-    trainable gradient after clipping (0 = none); ``seed`` drives batch sampling and the noise.
+    trainable gradient after clipping (0 = none); ``seed`` drives batch sampling and the noise. ``class_weight``
+    ``balanced`` weighs the cross-entropy of each class by n_residues / (2 n_class) over the site's training chains
+    (scikit-learn's ``balanced``, as in the public ESM-2 LoRA binding-site recipe): with ~5% binding residues an
+    unweighted loss predicts "not binding" everywhere for a long time. ``none`` is the plain cross-entropy.
     """
 
     learning_rate: float = 1e-3
@@ -35,8 +39,11 @@ class BindingSiteConfig:
     grad_clip: float = 1.0
     grad_noise_std: float = 0.0
     seed: int = 0
+    class_weight: str = "balanced"
 
     def __post_init__(self) -> None:
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise UserError(f"class_weight must be one of {', '.join(CLASS_WEIGHTS)}, got '{self.class_weight}'.")
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}.")
         if self.batch_size <= 0:
@@ -74,6 +81,7 @@ class BindingSiteTrainer:
         self.noise = torch.Generator().manual_seed(self.config.seed)
         self.steps_done = 0
         self.last_loss = float("nan")
+        self.loss_weights = class_weights(self.chains) if self.config.class_weight == "balanced" else None
 
     def train(self, steps: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> int:
         """Run ``steps`` (default ``config.local_steps``) optimiser steps on random batches; returns steps taken."""
@@ -89,7 +97,7 @@ class BindingSiteTrainer:
                 self.tokenizer, [c.sequence for c in picked], [c.labels for c in picked], self.config.max_length
             )
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.model(**batch).loss
+            loss = self._loss(batch)
             loss.backward()
             if self.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
@@ -103,6 +111,18 @@ class BindingSiteTrainer:
             done += 1
         self.steps_done += done
         return done
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.loss_weights is None:
+            return self.model(**batch).loss
+        labels = batch["labels"]
+        logits = self.model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            weight=self.loss_weights,
+            ignore_index=IGNORE_INDEX,
+        )
 
     @torch.no_grad()
     def evaluate(self, chains: Sequence[Chain], batch_size: int = 16) -> dict[str, float]:
@@ -143,6 +163,18 @@ class BindingSiteTrainer:
         convention (the model applies ``alpha / r`` on top, as for any loaded factors).
         """
         return delta_from_factors(self.state())
+
+
+def class_weights(chains: Sequence[Chain]) -> torch.Tensor:
+    """scikit-learn's ``balanced`` weights for (not binding, binding) over all residues of ``chains``.
+
+    Chains that show only one class get equal weights: there is nothing to balance.
+    """
+    residues = sum(len(chain.labels) for chain in chains)
+    positives = sum(chain.positives for chain in chains)
+    counts = np.array([residues - positives, positives], dtype=float)
+    weights = residues / (2 * counts) if counts.min() > 0 else np.ones(2)
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def delta_from_factors(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
