@@ -1,0 +1,1 @@
+"""Running pharmafl as a consortium: POC, provisioned kits, submission, site policies and job approval."""
