@@ -1,4 +1,4 @@
-"""The ``pharmafl`` command: prepare, simulate, baseline, report, bench."""
+"""The ``pharmafl`` command: prepare, simulate, baseline, report, bench, poc, submit, provision, approve."""
 
 from __future__ import annotations
 
@@ -102,9 +102,19 @@ def cmd_prepare_binding_sites(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from pharmafl.simulate import run_simulator
+    from pharmafl.simulate import parse_fault, run_simulator
 
-    result = run_simulator(args.job, args.data, args.workspace, args.rounds, args.threads, _executor_overrides(args))
+    faults = dict(parse_fault(text) for text in (args.drop or []) + (args.tamper or []))
+    result = run_simulator(
+        args.job,
+        args.data,
+        args.workspace,
+        args.rounds,
+        args.threads,
+        _executor_overrides(args),
+        faults=faults,
+        fault_round=args.fault_round,
+    )
     print(f"simulation finished in {result['wall_s']:.1f} s; results in {result['run_dir']}")
     return 0
 
@@ -168,6 +178,98 @@ def cmd_bench_fra_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_secagg(args: argparse.Namespace) -> int:
+    import logging
+
+    from pharmafl import bench_secagg
+
+    logging.getLogger("pharmafl.aggregation.secure_sum").setLevel(logging.ERROR)
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    overhead = {"overhead_data": args.data, "overhead_rounds": args.rounds, "workdir": args.workdir}
+    if args.quick:
+        result = bench_secagg.quick_bench(progress=say, **overhead)
+    else:
+        result = bench_secagg.run_secagg_bench(args.lengths, args.clients, progress=say, **overhead)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_bench_poc(args: argparse.Namespace) -> int:
+    from pharmafl.consortium.bench import bench_poc
+
+    result = bench_poc(args.data, args.rounds, args.workdir, args.port, progress=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_poc_up(args: argparse.Namespace) -> int:
+    from pharmafl.consortium.poc import poc_up
+
+    result = poc_up(args.sites, args.data, args.port, args.project)
+    print(
+        f"POC ready in {result['wall_s']:.0f} s: server {result['server']} (admin port {result['admin_port']}), "
+        f"sites {', '.join(result['sites'])}"
+    )
+    for site, source in result["data"].items():
+        print(f"  {site} reads {source}")
+    for user, kit in result["admin_kits"].items():
+        print(f"  admin kit {user}: {kit}")
+    print(f"workspace {result['workspace']}; submit with: pharmafl submit JOB --wait")
+    return 0
+
+
+def cmd_poc_status(args: argparse.Namespace) -> int:
+    from pharmafl.consortium.poc import poc_status
+
+    status = poc_status()
+    if not status["prepared"]:
+        print(f"no POC workspace at {status['workspace']}")
+        return 1
+    print(f"workspace {status['workspace']}; running: {', '.join(status['running']) or 'nothing'}")
+    if "error" in status:
+        print(status["error"])
+    if status["connected"]:
+        print(f"sites connected to the server: {', '.join(status['connected'])}")
+    for job in status["jobs"]:
+        print(f"  job {job['job_id']} {job['name'] or ''} {job['status']}")
+    return 0 if status["running"] else 1
+
+
+def cmd_poc_down(args: argparse.Namespace) -> int:
+    from pharmafl.consortium.poc import poc_down
+
+    poc_down(keep_workspace=args.keep)
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pharmafl.consortium.submit import submit_job
+
+    submit_job(args.job, args.startup_kit, args.user, args.wait, args.out, args.record, args.timeout)
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from pharmafl.consortium.provision import provision
+
+    result = provision(args.project, args.out)
+    for name, files in result["installed"].items():
+        print(f"{name}: installed {', '.join(files)}")
+    print(f"startup kits in {result['kits']}; check each with: nvflare preflight-check -p {result['kits']}/<name>")
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from pharmafl.consortium.approval import add_entries, job_entries
+
+    entries = job_entries(args.job)
+    for path in args.add or []:
+        added = add_entries(path, entries)
+        print(f"{path}: {added} new entr{'y' if added == 1 else 'ies'}", file=sys.stderr)
+    print(json.dumps(entries[0] if len(entries) == 1 else entries, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pharmafl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -222,6 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
     simulate.add_argument("--threads", type=int, default=None, help="clients run in parallel (default: all)")
     simulate.add_argument("--model", default=None, help="ESM-2 jobs: hub name or local folder of the base model")
+    simulate.add_argument(
+        "--drop",
+        action="append",
+        metavar="SITE:PHASE",
+        help="secure-sum jobs, testing: SITE drops after-setup or after-upload (repeatable)",
+    )
+    simulate.add_argument(
+        "--tamper",
+        action="append",
+        metavar="SITE:KIND",
+        help="secure-sum jobs, testing: SITE sends a tampered or mis-sized upload (repeatable)",
+    )
+    simulate.add_argument("--fault-round", type=int, default=0, help="round from which --drop/--tamper apply")
     simulate.add_argument(
         "--set",
         action="append",
@@ -286,6 +401,58 @@ def build_parser() -> argparse.ArgumentParser:
     fra.add_argument("--rank", type=int, default=16)
     fra.add_argument("--repeats", type=int, default=3)
     fra.set_defaults(func=cmd_bench_fra_lora)
+    secagg = bench.add_parser("secagg", help="masked secure sum vs plaintext and NVFLARE's CKKS")
+    secagg.add_argument("--json", action="store_true", help="print JSON (always on; kept for symmetry)")
+    secagg.add_argument("--quick", action="store_true", help="a small subset: 1e5..1e7 values, 3 and 16 sites")
+    secagg.add_argument("--lengths", nargs="+", type=int, default=[10**5, 10**6, 10**7, 10**8])
+    secagg.add_argument("--clients", nargs="+", type=int, default=[2, 4, 8, 16, 32, 64])
+    secagg.add_argument(
+        "--rounds", type=int, default=3, help="rounds of multitask_secure vs multitask_fedavg (0: skip job_overhead)"
+    )
+    secagg.add_argument("--data", default=None, help="prepared chem data for job_overhead (default: ChEMBL, 3 sites)")
+    secagg.add_argument("--workdir", default="runs/bench", help="scratch folder")
+    secagg.set_defaults(func=cmd_bench_secagg)
+    bench_poc = bench.add_parser("poc", help="POC up + a multi-task job as the lead + POC down, wall time")
+    bench_poc.add_argument("--json", action="store_true", help="print JSON (always on; kept for symmetry)")
+    bench_poc.add_argument("--data", default=None, help="prepared data (default: ChEMBL, 3 partners, prepared once)")
+    bench_poc.add_argument("--rounds", type=int, default=2)
+    bench_poc.add_argument("--workdir", default="runs/bench", help="scratch folder (own POC workspace and HOME)")
+    bench_poc.add_argument("--port", type=int, default=None, help="server FL port (default 8002)")
+    bench_poc.set_defaults(func=cmd_bench_poc)
+
+    poc = commands.add_parser("poc", help="the consortium on this machine (FLARE POC mode)").add_subparsers(
+        dest="action", required=True
+    )
+    poc_up = poc.add_parser("up", help="prepare, install site policies, place data, start; returns when ready")
+    poc_up.add_argument("--sites", type=int, default=None, help="number of data sites (default: project.yml's 3)")
+    poc_up.add_argument("--data", default=None, help="prepared data: folders named like the sites, or site-1..site-N")
+    poc_up.add_argument("--port", type=int, default=None, help="server FL port; admin port is port + 1 (8002)")
+    poc_up.add_argument("--project", default=None, help="project.yml (default: poc_workspace/project.yml)")
+    poc_up.set_defaults(func=cmd_poc_up)
+    poc.add_parser("status", help="which participants run, connected sites, jobs").set_defaults(func=cmd_poc_status)
+    poc_down = poc.add_parser("down", help="stop everything and remove the POC workspace (safe to repeat)")
+    poc_down.add_argument("--keep", action="store_true", help="keep the workspace (logs, audit.log, results)")
+    poc_down.set_defaults(func=cmd_poc_down)
+
+    submit = commands.add_parser("submit", help="submit a job through the FLARE API")
+    submit.add_argument("job", help="job folder")
+    submit.add_argument("--startup-kit", default=None, help="admin startup kit (default: the POC kit of --user)")
+    submit.add_argument("--user", default=None, help="FLARE user (default: the kit's name, or the POC's lead)")
+    submit.add_argument("--wait", action="store_true", help="wait, check COMPLETED, download results, report")
+    submit.add_argument("--out", default="runs/submitted", help="where results are downloaded (<out>/<job id>)")
+    submit.add_argument("--record", default="runs/submissions.jsonl", help="local record of who submitted what")
+    submit.add_argument("--timeout", type=float, default=0.0, help="seconds to wait at most (0: no limit)")
+    submit.set_defaults(func=cmd_submit)
+
+    provision = commands.add_parser("provision", help="TLS startup kits (nvflare provision) with site policies")
+    provision.add_argument("project", nargs="?", default=None, help="project.yml (default: poc_workspace/project.yml)")
+    provision.add_argument("--out", required=True, help="provisioning workspace")
+    provision.set_defaults(func=cmd_provision)
+
+    approve = commands.add_parser("approve", help="print a job's approved-jobs entry (name + SHA-256 of its app)")
+    approve.add_argument("job", help="job folder")
+    approve.add_argument("--add", nargs="+", default=None, help="also add it to these approved_jobs.json files")
+    approve.set_defaults(func=cmd_approve)
     return parser
 
 

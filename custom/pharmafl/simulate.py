@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,13 +14,14 @@ from pathlib import Path
 
 from pharmafl.errors import UserError
 from pharmafl.flare.site_executor import DATA_ENV
-from pharmafl.jobs import prepared_sites, site_local_dir, write_job_copy
+from pharmafl.jobs import CLIENT_CONFIG, find_component, prepared_sites, read_json, site_local_dir, write_job_copy
 
 # Lines of the simulator's output worth showing live; everything goes to <workspace>/simulate.log.
 PROGRESS = re.compile(
     r"Round \d+ (started|finished)|rejected contribution|aggregated \d+ contributions|"
-    r"ERROR|Traceback|test fold: mean"
+    r"ERROR|Traceback|test fold: mean|unmasked the sum|secure sum round failed"
 )
+FAULT_PHASES = ("after-setup", "after-upload", "tampered", "mis-sized")
 
 
 def server_run_dir(workspace: str | Path) -> Path:
@@ -34,9 +36,14 @@ def run_simulator(
     threads: int | None = None,
     executor_overrides: dict | None = None,
     quiet: bool = False,
+    faults: dict[str, str] | None = None,
+    fault_round: int = 0,
 ) -> dict:
     """Simulate ``job_dir`` with one client per site folder of ``data_dir``; returns run facts.
 
+    ``faults`` (secure-sum jobs only, for tests and demos) maps a site to ``after-setup``, ``after-upload``,
+    ``tampered`` or ``mis-sized`` (optionally ``@ROUND``): that site misbehaves so from round ``fault_round``
+    (or ROUND) on.
     Raises UserError with the log location when the run fails.
     """
     sites = prepared_sites(data_dir)
@@ -48,6 +55,8 @@ def run_simulator(
     # The simulator empties its workspace (all but local/): the adapted job and the log live outside.
     scratch = Path(tempfile.mkdtemp(prefix="pharmafl-sim-"))
     job = write_job_copy(job_dir, scratch, rounds, len(sites), executor_overrides)
+    if faults:
+        _inject_faults(job, sites, faults, fault_round)
     threads = threads or len(sites)
     env = dict(os.environ)
     env[DATA_ENV] = str(Path(data_dir).resolve())
@@ -92,3 +101,26 @@ def run_simulator(
         "run_dir": str(run_dir),
         "log": str(log_path),
     }
+
+
+def parse_fault(text: str) -> tuple[str, str]:
+    """``SITE:PHASE`` or ``SITE:PHASE@ROUND`` (``--drop``/``--tamper``) as (site, phase[@round])."""
+    site, _, spec = text.rpartition(":")
+    phase, _, start = spec.partition("@")
+    if not site or phase not in FAULT_PHASES or (start and not start.isdigit()):
+        raise UserError(f"'{text}' is not SITE:PHASE[@ROUND] with PHASE one of {', '.join(FAULT_PHASES)}")
+    return site, spec
+
+
+def _inject_faults(job: Path, sites: list[str], faults: dict[str, str], fault_round: int) -> None:
+    """Set the test-only fault injection of the job copy's ``secure_sum`` component."""
+    unknown = sorted(set(faults) - set(sites))
+    if unknown:
+        raise UserError(f"cannot inject faults into {unknown}: the sites are {sites}")
+    client = read_json(job / CLIENT_CONFIG)
+    try:
+        component = find_component(client, "secure_sum")
+    except UserError as err:
+        raise UserError(f"--drop/--tamper need a secure-sum job (with a 'secure_sum' component): {err}") from err
+    component.setdefault("args", {}).update(faults=dict(faults), fault_round=fault_round)
+    (job / CLIENT_CONFIG).write_text(json.dumps(client, indent=2) + "\n")

@@ -1,0 +1,283 @@
+"""Server side of the masked secure sum in FLARE: holds the protocol state, checks uploads, unmasks the sum.
+
+The key-setup workflow (``SecureKeySetup``) and the Scatter-and-Gather extension (``SecureScatterAndGather``) drive
+it; this class only adapts ``pharmafl.aggregation.secure_sum.SecureSumServer`` to FLARE's Aggregator interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.abstract.aggregator import Aggregator
+from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
+
+from pharmafl.aggregation.fra_lora import RESIDUAL_POLICIES, fra_lora_from_deltas
+from pharmafl.aggregation.secure_sum.keys import Advertisement
+from pharmafl.aggregation.secure_sum.protocol import (
+    MaskedUpload,
+    SecureSumConfig,
+    SecureSumError,
+    SecureSumServer,
+)
+from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
+
+SECURE_SUM_LOG = "secure_sum.jsonl"
+SECURE_META = "secure_sum_kind"  # DXO meta of a masked upload: the data kind of the update it hides
+MEANS_DIR = "secure_sum_means"  # record_means: the decoded mean of each round, for tests
+
+
+class MaskedSecureSumAggregator(Aggregator):
+    def __init__(
+        self,
+        threshold: int = 0,
+        clip: float = 8.0,
+        max_weight: float = 1e4,
+        fraction_bits: int | None = None,
+        modulus_bits: int | None = None,
+        neighbours: int | None = None,
+        server_blind: bool = False,
+        aggregation: str = "mean",
+        rank: int = 16,
+        residual_policy: str = "drop",
+        weigh_by_local_steps: bool = True,
+        output_data_kind: str = DataKind.WEIGHT_DIFF,
+        root_ca_path: str = "",
+        require_signed: bool = False,
+        record_means: bool = False,
+    ):
+        """Aggregate masked uploads: the server learns the weighted mean of the updates, never one update.
+
+        A masked upload is rejected, recorded in ``contributions.jsonl`` and treated as a dropout when it is from a
+        stale round or replayed, does not verify against its site's advertised signing key (tampered), or has the
+        wrong size or layout. Each round's outcome (uploaded, dropped, survivors, or why it failed) goes to
+        ``secure_sum.jsonl``. A round that cannot be unmasked yields an empty update: the global model stays as it was.
+
+        Args:
+            threshold: t, the sites needed to unmask a round; 0 means a majority of the sites at key setup.
+            clip: update values are clipped to ``[-clip, clip]`` before encoding.
+            max_weight: client weights (local steps) are clipped to this.
+            fraction_bits: quantization ``2^-fraction_bits``; None: the most the modulus allows.
+            modulus_bits: 32 or 64; None: chosen.
+            neighbours: None: masks between all pairs; 0: SecAgg+ graph with k = 2 ceil(log2 n); k: that k.
+            server_blind: the server-blind group mask; not available in the FLARE jobs yet (refused).
+            aggregation: ``mean`` (FedAvg of the updates) or ``fra-lora`` (the mean of the clients' ``<module>.delta``
+                truncated to rank ``rank``, as ``FRALoRAAggregator`` with ``upload="delta"``).
+            rank, residual_policy: FRA-LoRA settings.
+            weigh_by_local_steps: weigh by ``NUM_STEPS_CURRENT_ROUND`` (else every site weighs 1).
+            output_data_kind: data kind of the mean (``WEIGHT_DIFF`` for updates; FRA-LoRA always gives ``WEIGHTS``).
+            root_ca_path: consortium root CA; "" uses ``<workspace>/startup/rootCA.pem`` when it exists.
+            require_signed: refuse advertisements not signed by a startup-kit key (provisioned deployments).
+            record_means: write each round's decoded mean to ``<run_dir>/secure_sum_means/`` (tests).
+        """
+        super().__init__()
+        if server_blind:
+            raise ValueError(
+                "server_blind is implemented in pharmafl.aggregation.secure_sum but not wired into the FLARE jobs "
+                "yet; set server_blind to false"
+            )
+        if aggregation not in ("mean", "fra-lora"):
+            raise ValueError(f"aggregation must be 'mean' or 'fra-lora', got {aggregation!r}")
+        if residual_policy not in RESIDUAL_POLICIES:
+            raise ValueError(f"residual_policy must be one of {RESIDUAL_POLICIES}, got {residual_policy!r}")
+        if output_data_kind not in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS):
+            raise ValueError(f"output_data_kind must be WEIGHT_DIFF or WEIGHTS, got {output_data_kind!r}")
+        if not isinstance(threshold, int) or threshold < 0:
+            raise ValueError(f"threshold must be 0 (majority) or a positive integer, got {threshold!r}")
+        # Validate the shared settings now (overflow for even one site, neighbours) with a placeholder threshold
+        self.settings = dict(
+            clip=clip,
+            max_weight=max_weight,
+            fraction_bits=fraction_bits,
+            modulus_bits=modulus_bits,
+            neighbours=neighbours,
+            aggregation=aggregation,
+            require_signed=require_signed,
+        )
+        # (the number of sites is known at key setup, where it is checked again)
+        SecureSumConfig(threshold=max(threshold, 1), **self.settings).fixed_point(1)
+        self.threshold = threshold
+        self.rank, self.residual_policy = rank, residual_policy
+        self.weigh_by_local_steps = weigh_by_local_steps
+        self.output_data_kind = DataKind.WEIGHTS if aggregation == "fra-lora" else output_data_kind
+        self.root_ca_path = root_ca_path
+        self.record_means = record_means
+        self.server: SecureSumServer | None = None
+        self.config: SecureSumConfig | None = None
+        self.residual = None
+        self._result: dict | None = None
+        self._failure: str | None = None
+        self._round_record: dict = {}
+
+    # -- key setup (called by SecureKeySetup)
+    def configure(self, sites: int, rounds: int, fl_ctx: FLContext) -> SecureSumConfig:
+        """The job's protocol settings for ``sites`` sites and rounds 0..rounds-1; ValueError when they cannot work."""
+        threshold = self.threshold or sites // 2 + 1
+        if threshold > sites:
+            raise ValueError(f"threshold {threshold} is larger than the {sites} sites of the job")
+        self.config = SecureSumConfig(threshold=threshold, rounds=rounds, **self.settings)
+        self.config.fixed_point(sites)  # refuse an overflowing configuration before any key is made
+        self.server = SecureSumServer(fl_ctx.get_job_id(), self.config, self._root_ca(fl_ctx))
+        return self.config
+
+    def register_advertisements(self, adverts: list[dict], fl_ctx: FLContext) -> list[dict]:
+        checked = self.server.register_advertisements([Advertisement.from_dict(a) for a in adverts])
+        signed = "signed by startup kits" if self.server.root_ca_pem else "NOT authenticated (no root CA)"
+        self.log_info(fl_ctx, f"secure sum: {len(checked)} sites advertised keys, {signed}")
+        return [a.to_dict() for a in checked]
+
+    def register_key_shares(self, site: str, messages: dict, fl_ctx: FLContext) -> None:
+        self.server.register_key_shares(site, messages)
+
+    # -- rounds (called by SecureScatterAndGather)
+    def start_round(self, fl_ctx: FLContext) -> list[str]:
+        """The round's participants; raises SecureSumError when fewer than t sites are left."""
+        if self.server is None:
+            raise SecureSumError("no key setup ran before the training rounds; add SecureKeySetup to the workflows")
+        current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        self._result, self._failure = None, None
+        self._round_record = {"round": current_round}
+        return self.server.start_round(current_round, self._expected_layout(fl_ctx))
+
+    def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
+        site = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")
+        contribution_round = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
+        try:
+            dxo = from_shareable(shareable)
+            if dxo.get_meta_prop(SECURE_META) is None:
+                return self._reject(fl_ctx, site, contribution_round, "not a masked upload (plaintext refused)")
+            upload = MaskedUpload.from_dict(dxo.data)
+        except Exception as err:  # a malformed payload is the client's fault, never the server's crash
+            return self._reject(fl_ctx, site, contribution_round, f"malformed masked upload ({err})")
+        if upload.site != site:
+            return self._reject(fl_ctx, site, contribution_round, f"upload claims to be from {upload.site}")
+        problem = self.server.receive_upload(upload)
+        if problem:
+            return self._reject(fl_ctx, site, contribution_round, problem)
+        self._record(
+            fl_ctx,
+            CONTRIBUTIONS_LOG,
+            site=site,
+            round=contribution_round,
+            keys=[n for n, _, _ in upload.layout],
+            accepted=True,
+            masked=True,
+        )
+        self.log_info(fl_ctx, f"accepted masked upload from {site} round {contribution_round}")
+        return True
+
+    def unmask_requests(self, fl_ctx: FLContext) -> dict[str, dict]:
+        """Per site that uploaded, the shares to reveal; raises SecureSumError with fewer than t uploads."""
+        return {site: request.to_dict() for site, request in self.server.unmask_requests().items()}
+
+    def finish(self, responses: dict[str, dict], fl_ctx: FLContext) -> None:
+        """Unmask with the survivors' shares and keep the round's mean for ``aggregate``."""
+        result = self.server.finish(responses)
+        mean = result.mean
+        if self.config.aggregation == "fra-lora":
+            fra = fra_lora_from_deltas(
+                [mean], [1.0], self.rank, residual=self.residual, residual_policy=self.residual_policy
+            )
+            self.residual = fra.residual
+            mean = fra.factors
+        self._result = {"data": mean, "weight": result.total_weight}
+        self._round_record.update(
+            status="ok",
+            uploaded=result.uploaded,
+            dropped=result.dropped,
+            survivors=result.survivors,
+            total_weight=result.total_weight,
+        )
+        if self.record_means:
+            run_dir = self._run_dir(fl_ctx)
+            if run_dir:
+                os.makedirs(os.path.join(run_dir, MEANS_DIR), exist_ok=True)
+                np.savez(os.path.join(run_dir, MEANS_DIR, f"round_{result.round}.npz"), **result.mean)
+        self.log_info(
+            fl_ctx,
+            f"round {result.round}: unmasked the sum of {result.uploaded} with shares from {result.survivors}; "
+            f"dropped {result.dropped}",
+        )
+
+    def fail_round(self, reason: str, fl_ctx: FLContext) -> None:
+        self._failure = reason
+        self._round_record.update(status="failed", reason=reason)
+        self.log_error(fl_ctx, f"secure sum round failed: {reason}; the global model is unchanged")
+
+    def round_record(self) -> dict:
+        return dict(self._round_record)
+
+    def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        if self._result is None:
+            if self._failure is None:
+                self.fail_round("the round was not unmasked", fl_ctx)
+            # An empty update leaves the global model exactly as it was.
+            return DXO(data_kind=self.output_data_kind, data={}).to_shareable()
+        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self._result["weight"]}
+        return DXO(data_kind=self.output_data_kind, data=self._result["data"], meta=meta).to_shareable()
+
+    def reset(self, fl_ctx: FLContext) -> None:
+        self._result = None
+
+    def log_round(self, fl_ctx: FLContext, **fields) -> None:
+        self._record(fl_ctx, SECURE_SUM_LOG, **self._round_record, **fields)
+
+    # -- helpers
+    def _expected_layout(self, fl_ctx: FLContext):
+        if self.config.aggregation == "fra-lora":
+            return None  # deltas do not have the global factors' shapes: the first upload sets them
+        model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        weights = model.get(ModelLearnableKey.WEIGHTS) if model is not None else None
+        if not weights:
+            return None
+        return [(name, tuple(np.shape(weights[name])), "") for name in sorted(weights)]
+
+    def _root_ca(self, fl_ctx: FLContext) -> bytes:
+        path = self.root_ca_path
+        if not path:
+            try:
+                path = os.path.join(fl_ctx.get_engine().get_workspace().get_root_dir(), "startup", "rootCA.pem")
+            except Exception:
+                return b""
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return f.read()
+        if self.root_ca_path:
+            raise ValueError(f"root CA certificate '{path}' does not exist")
+        return b""
+
+    def _reject(self, fl_ctx: FLContext, site: str, contribution_round, reason: str) -> bool:
+        self.log_error(fl_ctx, f"rejected contribution from {site} (round {contribution_round}): {reason}")
+        self._record(
+            fl_ctx,
+            CONTRIBUTIONS_LOG,
+            site=site,
+            round=contribution_round,
+            keys=[],
+            accepted=False,
+            reason=reason,
+            masked=True,
+        )
+        return False
+
+    def _run_dir(self, fl_ctx: FLContext) -> str | None:
+        engine, job_id = fl_ctx.get_engine(), fl_ctx.get_job_id()
+        if engine is None or job_id is None:
+            return None
+        try:
+            return engine.get_workspace().get_run_dir(job_id)
+        except Exception:  # no workspace (unit tests with a bare engine)
+            return None
+
+    def _record(self, fl_ctx: FLContext, filename: str, **fields) -> None:
+        run_dir = self._run_dir(fl_ctx)
+        if run_dir:
+            with open(os.path.join(run_dir, filename), "a") as f:
+                f.write(json.dumps({"time": time.time(), **fields}, default=str) + "\n")

@@ -1,0 +1,156 @@
+"""Masked secure sum in the real FLARE simulator: 5 sites, threshold 3, dropouts and a tampered upload."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pharmafl.aggregation.secure_sum.encoding import choose_fixed_point
+from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
+from pharmafl.flare.secure_sum_aggregator import MEANS_DIR, SECURE_SUM_LOG
+from pharmafl.flare.secure_sum_client import RECORD_DIR
+from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, repo_root
+from pharmafl.simulate import run_simulator
+
+pytestmark = pytest.mark.slow
+JOB = repo_root() / "jobs" / "multitask_secure"
+SITES = [f"site-{i}" for i in range(1, 6)]
+BITS = 1024
+
+
+@pytest.fixture(scope="module")
+def five_sites(chembl_csv, tmp_path_factory):
+    from pharmafl.chem.prepare import PrepareConfig, prepare_chem
+
+    out_dir = tmp_path_factory.mktemp("chembl_five")
+    prepare_chem(str(chembl_csv), str(out_dir), PrepareConfig(sites=SITES, max_compounds=3000, n_bits=BITS), None)
+    return out_dir
+
+
+def tiny_secure_job(out_dir):
+    """multitask_secure with a small trunk, recording the server's means and the sites' plaintext uploads."""
+    job = out_dir / JOB.name
+    shutil.copytree(JOB, job)
+    server = json.loads((job / SERVER_CONFIG).read_text())
+    find_component(server, "persistor")["args"]["model"]["args"].update(n_features=BITS, hidden_sizes=[32])
+    find_component(server, "aggregator")["args"]["record_means"] = True
+    (job / SERVER_CONFIG).write_text(json.dumps(server))
+    client = json.loads((job / CLIENT_CONFIG).read_text())
+    find_component(client, "secure_sum")["args"]["record_updates"] = True
+    (job / CLIENT_CONFIG).write_text(json.dumps(client))
+    return job, find_component(server, "aggregator")["args"]
+
+
+@pytest.fixture(scope="module")
+def faulty_run(five_sites, tmp_path_factory):
+    """Round 0: site-2 drops after key setup, site-4 after its upload. Round 1: site-3's upload is tampered."""
+    tmp = tmp_path_factory.mktemp("secure_sim")
+    job, aggregator_args = tiny_secure_job(tmp)
+    faults = {"site-2": "after-setup", "site-4": "after-upload", "site-3": "tampered@1"}
+    result = run_simulator(job, five_sites, tmp / "workspace", rounds=2, quiet=True, faults=faults)
+    run_dir = tmp / "workspace" / "server" / "simulate_job"
+    records = [json.loads(line) for line in (run_dir / SECURE_SUM_LOG).read_text().splitlines()]
+    return result, tmp / "workspace", run_dir, records, aggregator_args
+
+
+def test_dropouts_after_setup_and_after_upload_give_the_survivors_exact_mean(faulty_run):
+    _, workspace, run_dir, records, args = faulty_run
+    first = records[0]
+    assert first["status"] == "ok"
+    assert first["uploaded"] == ["site-1", "site-3", "site-4", "site-5"]
+    assert first["dropped"] == ["site-2"]
+    assert first["survivors"] == ["site-1", "site-3", "site-5"]  # site-4 uploaded, then vanished
+    assert first["model_before"] != first["model_after"]
+    mean = np.load(run_dir / MEANS_DIR / "round_0.npz")
+    uploads = [np.load(workspace / site / "simulate_job" / RECORD_DIR / "round_0.npz") for site in first["uploaded"]]
+    weights = [float(u["__weight__"]) for u in uploads]
+    assert first["total_weight"] == pytest.approx(sum(weights))
+    fixed_point = choose_fixed_point(args["clip"], args["max_weight"], len(SITES), args["fraction_bits"], 32)
+    for name in mean.files:
+        exact = sum(w * u[name].astype(np.float64) for w, u in zip(weights, uploads, strict=True)) / sum(weights)
+        bound = fixed_point.mean_error_bound(len(uploads), sum(weights), np.abs(exact).max())
+        bound += np.finfo(np.float32).eps * np.abs(exact).max()  # the mean is returned as float32
+        assert np.abs(mean[name] - exact).max() <= bound, name
+        assert np.abs(exact).max() > 100 * bound  # the check is not vacuous
+
+
+def test_tampered_upload_is_rejected_and_too_few_survivors_leave_the_model_unchanged(faulty_run):
+    result, _, run_dir, records, _ = faulty_run
+    contributions = [json.loads(line) for line in (run_dir / CONTRIBUTIONS_LOG).read_text().splitlines()]
+    rejected = [c for c in contributions if not c["accepted"]]
+    assert [(c["site"], c["round"]) for c in rejected] == [("site-3", 1)]
+    assert "does not verify" in rejected[0]["reason"]
+    assert all(c["masked"] for c in contributions)  # nothing reached the server in plaintext
+    second = records[1]
+    assert second["status"] == "failed"
+    assert "only 2 valid uploads in round 1" in second["reason"] and "needs 3 sites" in second["reason"]
+    assert second["model_before"] == second["model_after"] == records[0]["model_after"]
+    assert "secure sum round failed" in open(result["log"]).read()
+
+
+def test_every_site_still_scores_the_final_model(faulty_run):
+    _, workspace, _, _, _ = faulty_run
+    results = json.loads((workspace / "server/simulate_job/cross_site_val/cross_val_results.json").read_text())
+    assert set(results) == set(SITES)
+
+
+def test_esm_lora_secure_job_aggregates_masked_deltas(gpsite_small, tiny_esm_config, tmp_path):
+    from pharmafl.flare.state_persistor import STATE_FILE
+
+    overrides = {"model": "", "model_config": tiny_esm_config, "local_steps": 2, "batch_size": 4, "max_length": 64}
+    job = repo_root() / "jobs" / "esm2_lora_fra_secure"
+    run_simulator(job, gpsite_small, tmp_path / "ws", rounds=2, executor_overrides=overrides, quiet=True)
+    run_dir = tmp_path / "ws/server/simulate_job"
+    records = [json.loads(line) for line in (run_dir / SECURE_SUM_LOG).read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert all(r["uploaded"] == ["site-1", "site-2"] for r in records)
+    contributions = [json.loads(line) for line in (run_dir / CONTRIBUTIONS_LOG).read_text().splitlines()]
+    assert len(contributions) == 4 and all(c["accepted"] and c["masked"] for c in contributions)
+    assert all(key.endswith(".delta") or "classifier" in key for c in contributions for key in c["keys"])
+    with np.load(run_dir / "app_server" / STATE_FILE) as state:
+        lora_a = [name for name in state.files if name.endswith("lora_A.weight")]
+        assert lora_a and all(state[name].shape[0] == 16 for name in lora_a)  # FRA-LoRA truncated to rank 16
+        assert all(np.isfinite(state[name]).all() for name in state.files)
+
+
+def tiny_job(name, out_dir, initial_model):
+    """A copy of job ``name`` with a small trunk that starts from the checkpoint ``initial_model``."""
+    job = out_dir / name
+    shutil.copytree(repo_root() / "jobs" / name, job)
+    server = json.loads((job / SERVER_CONFIG).read_text())
+    persistor = find_component(server, "persistor")
+    persistor["args"]["model"]["args"].update(n_features=BITS, hidden_sizes=[32])
+    persistor["args"]["source_ckpt_file_full_name"] = str(initial_model)
+    (job / SERVER_CONFIG).write_text(json.dumps(server))
+    return job
+
+
+def test_secure_and_plain_fedavg_give_the_same_model_and_metrics(five_sites, tmp_path):
+    from pharmafl.models.multitask import TrunkModel
+
+    torch.manual_seed(0)
+    initial_model = tmp_path / "initial_trunk.pt"
+    torch.save(TrunkModel(n_features=BITS, hidden_sizes=[32]).state_dict(), initial_model)
+    finals = {}
+    for name in ("multitask_fedavg", "multitask_secure"):
+        job = tiny_job(name, tmp_path, initial_model)
+        run_simulator(job, five_sites, tmp_path / f"ws_{name}", rounds=2, quiet=True)
+        run_dir = tmp_path / f"ws_{name}/server/simulate_job"
+        model = torch.load(run_dir / "app_server/FL_global_model.pt", weights_only=False)
+        results = json.loads((run_dir / "cross_site_val/cross_val_results.json").read_text())
+        metrics = {site: next(iter(by_model.values())) for site, by_model in results.items()}
+        finals[name] = (model.get("model", model), metrics)
+    (plain_model, plain_metrics), (secure_model, secure_metrics) = (
+        finals["multitask_fedavg"],
+        finals["multitask_secure"],
+    )
+    assert plain_model.keys() == secure_model.keys()
+    for name in plain_model:
+        difference = (plain_model[name] - secure_model[name]).abs().max().item()
+        assert difference < 1e-5, name  # quantization ~1e-7 per round, carried through one round of training
+    assert set(plain_metrics) == set(secure_metrics) == set(SITES)
+    for site in SITES:
+        for metric in ("auc_roc", "auc_pr"):
+            assert secure_metrics[site][metric] == pytest.approx(plain_metrics[site][metric], abs=1e-3), (site, metric)

@@ -1,0 +1,27 @@
+import json
+
+import pytest
+
+from pharmafl.errors import UserError
+from pharmafl.jobs import CLIENT_CONFIG, find_component, repo_root, write_job_copy
+from pharmafl.simulate import _inject_faults, parse_fault
+
+
+def test_fault_specs_parse_and_bad_ones_are_refused():
+    assert parse_fault("site-2:after-setup") == ("site-2", "after-setup")
+    assert parse_fault("site-3:tampered@1") == ("site-3", "tampered@1")
+    for bad in ("site-2", "site-2:explode", ":after-upload", "site-2:after-upload@x"):
+        with pytest.raises(UserError, match="SITE:PHASE"):
+            parse_fault(bad)
+
+
+def test_faults_go_into_the_secure_sum_component_of_the_job_copy(tmp_path):
+    job = write_job_copy(repo_root() / "jobs" / "multitask_secure", tmp_path)
+    _inject_faults(job, ["site-1", "site-2"], {"site-2": "after-upload"}, 1)
+    args = find_component(json.loads((job / CLIENT_CONFIG).read_text()), "secure_sum")["args"]
+    assert args["faults"] == {"site-2": "after-upload"} and args["fault_round"] == 1
+    with pytest.raises(UserError, match="the sites are"):
+        _inject_faults(job, ["site-1", "site-2"], {"site-9": "after-setup"}, 0)
+    plain = write_job_copy(repo_root() / "jobs" / "multitask_fedavg", tmp_path)
+    with pytest.raises(UserError, match="need a secure-sum job"):
+        _inject_faults(plain, ["site-1"], {"site-1": "after-setup"}, 0)
