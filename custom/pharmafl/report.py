@@ -159,20 +159,31 @@ def write_report(workspace: str | Path, baselines: str | Path | list | None = No
     out = Path(workspace) / "report"
     if is_esm_run(find_server_run_dir(workspace)):
         summary = build_esm_summary(workspace, folders)
-        out.mkdir(parents=True, exist_ok=True)
-        return summary, write_esm_report(summary, out)
+        table = format_esm_table(summary)
+        _write_report_files(
+            out,
+            summary,
+            table,
+            plot_esm_curves,
+            "metrics_per_round.png",
+            "# ESM-2 LoRA binding-site run\n\n"
+            "Token-level metrics over real residues at threshold 0.5; the federated model is the final global adapter\n"
+            "and head. Baselines train with the same code and settings for the same total number of steps.",
+        )
+        return summary, table
     if len(folders) > 1:
         raise UserError("a multi-task run takes one --baseline (the single-partner folder).")
     summary = build_summary(workspace, folders[0] if folders else None)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = format_table(summary)
-    plot_curves(summary, out / "auc_pr_per_round.png")
-    (out / "report.md").write_text(
+    _write_report_files(
+        out,
+        summary,
+        table,
+        plot_curves,
+        "auc_pr_per_round.png",
         "# Multi-task federated run\n\n"
         "Mean over each site's tasks that pass the evaluation quorum, on the site's test fold; the federated\n"
-        "model is the final global trunk with the site's own head.\n\n"
-        f"{table}\n\n![per-round AUC-PR](auc_pr_per_round.png)\n"
+        "model is the final global trunk with the site's own head.",
     )
     return summary, table
 
@@ -298,14 +309,9 @@ def plot_esm_curves(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_esm_report(summary: dict, out: Path) -> str:
+def _write_report_files(out: Path, summary: dict, table: str, plot, plot_name: str, heading: str) -> None:
+    """``summary.json``, the plot and ``report.md`` (heading, table, plot) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = format_esm_table(summary)
-    plot_esm_curves(summary, out / "metrics_per_round.png")
-    (out / "report.md").write_text(
-        "# ESM-2 LoRA binding-site run\n\n"
-        "Token-level metrics over real residues at threshold 0.5; the federated model is the final global adapter\n"
-        "and head. Baselines train with the same code and settings for the same total number of steps.\n\n"
-        f"{table}\n\n![per-round metrics](metrics_per_round.png)\n"
-    )
-    return table
+    plot(summary, out / plot_name)
+    (out / "report.md").write_text(f"{heading}\n\n{table}\n\n![per-round metrics]({plot_name})\n")
