@@ -75,3 +75,14 @@ def test_bad_input_fails_cleanly(fl_ctx, gpsite_small, tiny_esm_config, tmp_path
     assert executor.execute("other", task({}), fl_ctx, Signal()).get_return_code() == ReturnCode.TASK_UNKNOWN
     with pytest.raises(ValueError):
         ESMLoRAExecutor(upload="both")
+
+
+@pytest.mark.parametrize("optimizer_state, moments_kept", [("keep", True), ("reset", False)])
+def test_optimizer_moments_across_rounds(fl_ctx, gpsite_small, tiny_esm_config, optimizer_state, moments_kept):
+    executor = started(fl_ctx, gpsite_small, tiny_esm_config, optimizer_state=optimizer_state)
+    weights = from_shareable(executor.execute("train", task({}), fl_ctx, Signal())).data
+    assert executor.trainer.optimizer.state  # AdamW built moments in round 0
+    executor.prepare(weights, fl_ctx)  # the next round's global model arrives
+    assert bool(executor.trainer.optimizer.state) == moments_kept
+    with pytest.raises(ValueError, match="optimizer_state"):
+        ESMLoRAExecutor(optimizer_state="forget")

@@ -20,6 +20,7 @@ from pharmafl.proteins.dataset import load_client, load_common_test
 from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer
 
 UPLOADS = ("factors", "delta")
+OPTIMIZER_STATES = ("keep", "reset")
 STREAMED_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "auc_roc", "loss")
 
 
@@ -46,6 +47,7 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
         class_weight: str = "balanced",
         seed: int = 0,
         upload: str = "factors",
+        optimizer_state: str = "keep",
         log_writer_id: str = "log_writer",
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
@@ -64,11 +66,17 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
                 ``BindingSiteConfig``. ``seed`` also seeds the LoRA/head initialisation, so it must agree across sites.
             upload: ``factors`` (the ``lora_state``: A/B factors + classifier) or ``delta`` (``<module>.delta`` =
                 B @ A, unscaled, + classifier) for ``fra_lora_from_deltas``.
+            optimizer_state: ``keep`` AdamW's moments from round to round, or ``reset`` them whenever a global
+                model arrives. FRA-LoRA re-factorises the mean update (B' = U sqrt(S), A' = sqrt(S) V^T), so the
+                factors a site receives are in other coordinates than the ones its moments were built on.
             log_writer_id: id of a FLARE ``TBWriter``; metrics stream to the server's TensorBoard through it.
         """
         super().__init__(data_root, log_writer_id, train_task_name, validate_task_name)
         if upload not in UPLOADS:
             raise ValueError(f"upload must be one of {UPLOADS}, got {upload!r}")
+        if optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
+        self.optimizer_state = optimizer_state
         self.model_name = model
         self.model_config = dict(model_config) if model_config else None
         self.lora = LoRASettings(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
@@ -90,6 +98,8 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
         trainer = self._trainer(fl_ctx)
         if global_weights:  # round 0 may send nothing: keep the (seeded, identical on every site) local init
             trainer.load_state(global_weights)
+            if self.optimizer_state == "reset":
+                trainer.reset_optimizer()
         return trainer
 
     def train_round(self, trainer: BindingSiteTrainer, fl_ctx: FLContext, abort_signal: Signal) -> tuple[int, dict]:

@@ -155,6 +155,10 @@ class BindingSiteTrainer:
     def load_state(self, state: Mapping[str, np.ndarray]) -> None:
         load_lora_state(self.model, state)
 
+    def reset_optimizer(self) -> None:
+        """Forget AdamW's moments: they belong to the coordinates of the factors they were built on."""
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=self.config.learning_rate)
+
     def delta_state(self) -> dict[str, np.ndarray]:
         """Per LoRA module the full update ``B @ A`` as ``<module>.delta``; other trainable entries as they are.
 
