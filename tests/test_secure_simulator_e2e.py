@@ -10,7 +10,7 @@ import torch
 from pharmafl.aggregation.secure_sum.encoding import choose_fixed_point
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
 from pharmafl.flare.secure_sum_aggregator import MEANS_DIR, SECURE_SUM_LOG
-from pharmafl.flare.secure_sum_client import RECORD_DIR
+from pharmafl.flare.secure_sum_client import BLIND_MEAN, BLIND_MODEL, RECORD_DIR
 from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, repo_root
 from pharmafl.simulate import run_simulator
 
@@ -116,41 +116,131 @@ def test_esm_lora_secure_job_aggregates_masked_deltas(gpsite_small, tiny_esm_con
 
 
 def tiny_job(name, out_dir, initial_model):
-    """A copy of job ``name`` with a small trunk that starts from the checkpoint ``initial_model``."""
+    """A copy of job ``name`` with a small trunk that starts from the checkpoint ``initial_model``; secure jobs record
+    the server's aggregates and the sites' plaintext uploads (and, server-blind, the sites' models)."""
     job = out_dir / name
     shutil.copytree(repo_root() / "jobs" / name, job)
     server = json.loads((job / SERVER_CONFIG).read_text())
     persistor = find_component(server, "persistor")
     persistor["args"]["model"]["args"].update(n_features=BITS, hidden_sizes=[32])
     persistor["args"]["source_ckpt_file_full_name"] = str(initial_model)
+    if "secure" in name:
+        find_component(server, "aggregator")["args"]["record_means"] = True
+        client = json.loads((job / CLIENT_CONFIG).read_text())
+        find_component(client, "secure_sum")["args"]["record_updates"] = True
+        (job / CLIENT_CONFIG).write_text(json.dumps(client))
     (job / SERVER_CONFIG).write_text(json.dumps(server))
     return job
 
 
-def test_secure_and_plain_fedavg_give_the_same_model_and_metrics(five_sites, tmp_path):
+@pytest.fixture(scope="module")
+def same_start(five_sites, tmp_path_factory):
+    """multitask_fedavg, multitask_secure and multitask_secure_blind, 2 rounds each from the same initial trunk:
+    {job: (workspace, server run dir, the server's final model, per-site final metrics)} and the initial trunk."""
     from pharmafl.models.multitask import TrunkModel
 
+    tmp = tmp_path_factory.mktemp("same_start")
     torch.manual_seed(0)
-    initial_model = tmp_path / "initial_trunk.pt"
-    torch.save(TrunkModel(n_features=BITS, hidden_sizes=[32]).state_dict(), initial_model)
-    finals = {}
-    for name in ("multitask_fedavg", "multitask_secure"):
-        job = tiny_job(name, tmp_path, initial_model)
-        run_simulator(job, five_sites, tmp_path / f"ws_{name}", rounds=2, quiet=True)
-        run_dir = tmp_path / f"ws_{name}/server/simulate_job"
+    initial = TrunkModel(n_features=BITS, hidden_sizes=[32]).state_dict()
+    torch.save(initial, tmp / "initial_trunk.pt")
+    runs = {}
+    for name in ("multitask_fedavg", "multitask_secure", "multitask_secure_blind"):
+        job = tiny_job(name, tmp, tmp / "initial_trunk.pt")
+        run_simulator(job, five_sites, tmp / f"ws_{name}", rounds=2, quiet=True)
+        run_dir = tmp / f"ws_{name}/server/simulate_job"
         model = torch.load(run_dir / "app_server/FL_global_model.pt", weights_only=False)
         results = json.loads((run_dir / "cross_site_val/cross_val_results.json").read_text())
-        metrics = {site: next(iter(by_model.values())) for site, by_model in results.items()}
-        finals[name] = (model.get("model", model), metrics)
-    (plain_model, plain_metrics), (secure_model, secure_metrics) = (
-        finals["multitask_fedavg"],
-        finals["multitask_secure"],
-    )
-    assert plain_model.keys() == secure_model.keys()
-    for name in plain_model:
-        difference = (plain_model[name] - secure_model[name]).abs().max().item()
+        # the final model's scores (the persistor also lists the initial checkpoint of source_ckpt_file_full_name)
+        final = "SRV_server_blind_global_model" if name.endswith("blind") else "SRV_FL_global_model.pt"
+        metrics = {site: by_model[final] for site, by_model in results.items()}
+        runs[name] = (tmp / f"ws_{name}", run_dir, model.get("model", model), metrics)
+    return runs, initial
+
+
+def assert_same_model_and_metrics(model_a, metrics_a, model_b, metrics_b):
+    assert set(model_a) == set(model_b)
+    for name in model_a:
+        difference = np.abs(np.asarray(model_a[name], np.float64) - np.asarray(model_b[name], np.float64)).max()
         assert difference < 1e-5, name  # quantization ~1e-7 per round, carried through one round of training
-    assert set(plain_metrics) == set(secure_metrics) == set(SITES)
+    assert set(metrics_a) == set(metrics_b) == set(SITES)
     for site in SITES:
         for metric in ("auc_roc", "auc_pr"):
-            assert secure_metrics[site][metric] == pytest.approx(plain_metrics[site][metric], abs=1e-3), (site, metric)
+            assert metrics_b[site][metric] == pytest.approx(metrics_a[site][metric], abs=1e-3), (site, metric)
+
+
+def test_secure_and_plain_fedavg_give_the_same_model_and_metrics(same_start):
+    runs, _ = same_start
+    _, _, plain_model, plain_metrics = runs["multitask_fedavg"]
+    _, _, secure_model, secure_metrics = runs["multitask_secure"]
+    assert_same_model_and_metrics(
+        {k: v.numpy() for k, v in plain_model.items()},
+        plain_metrics,
+        {k: v.numpy() for k, v in secure_model.items()},
+        secure_metrics,
+    )
+
+
+def site_blind_models(workspace, round_number):
+    return {
+        site: dict(np.load(workspace / site / "simulate_job" / RECORD_DIR / BLIND_MODEL.format(round_number)))
+        for site in SITES
+    }
+
+
+def test_server_blind_sites_end_with_the_secure_jobs_model_and_metrics(same_start):
+    runs, _ = same_start
+    _, _, secure_model, secure_metrics = runs["multitask_secure"]
+    blind_workspace, _, _, blind_metrics = runs["multitask_secure_blind"]
+    finals = site_blind_models(blind_workspace, 1)  # after the last round, applied for the final validate task
+    for site in SITES[1:]:  # every site rebuilt the same global model
+        for name, value in finals[SITES[0]].items():
+            np.testing.assert_array_equal(finals[site][name], value)
+    assert_same_model_and_metrics(
+        {k: v.numpy() for k, v in secure_model.items()}, secure_metrics, finals[SITES[0]], blind_metrics
+    )
+
+
+def plain_in(aggregate, fixed_point, total_weight, mean) -> bool:
+    """Whether the modular aggregate reads as ``[total weight, total weight * mean]`` to 1e-3 in all but 1 + 0.1% of
+    its values; a uniformly random value is that close with probability 2e-3 * scale / 2^bits (1e-7 at most here)."""
+    signed = np.asarray(aggregate).view(np.int32 if fixed_point.modulus_bits == 32 else np.int64)
+    plain = np.concatenate([[total_weight], total_weight * np.ravel(mean)])
+    far = np.abs(signed / fixed_point.scale - plain) >= 1e-3
+    return int(far.sum()) <= 1 + far.size // 1000
+
+
+def test_server_blind_server_keeps_the_initial_model_and_only_group_masked_sums(same_start):
+    runs, initial = same_start
+    workspace, run_dir, server_model, _ = runs["multitask_secure_blind"]
+    for name, value in initial.items():  # the server never applied an aggregate
+        assert torch.equal(server_model[name], value), name
+    records = [json.loads(line) for line in (run_dir / SECURE_SUM_LOG).read_text().splitlines()]
+    assert [(r["status"], r["server_blind"], r["total_weight"]) for r in records] == [("ok", True, None)] * 2
+    assert records[0]["model_before"] == records[0]["model_after"] == records[1]["model_after"]
+    server_config = json.loads((repo_root() / "jobs/multitask_secure_blind" / SERVER_CONFIG).read_text())
+    args = find_component(server_config, "aggregator")["args"]
+    fixed_point = choose_fixed_point(
+        args["clip"], args["max_weight"], len(SITES), args["fraction_bits"], args["modulus_bits"]
+    )
+    for record in records:
+        r = record["round"]
+        uploads = [np.load(workspace / site / "simulate_job" / RECORD_DIR / f"round_{r}.npz") for site in SITES]
+        weights = [float(u["__weight__"]) for u in uploads]
+        names = sorted(n for n in uploads[0].files if n != "__weight__")
+        exact = {
+            n: sum(w * u[n].astype(np.float64) for w, u in zip(weights, uploads, strict=True)) / sum(weights)
+            for n in names
+        }
+        flat_exact = np.concatenate([exact[n].ravel() for n in names])
+        held = np.load(run_dir / MEANS_DIR / f"round_{r}.npz")["blind_sum"]
+        assert held.size == 1 + flat_exact.size
+        assert not plain_in(held, fixed_point, sum(weights), flat_exact)  # the server holds no plaintext aggregate
+        # ... while every site unblinded the exact weighted mean
+        for site in SITES:
+            applied = np.load(workspace / site / "simulate_job" / RECORD_DIR / BLIND_MEAN.format(r))
+            assert float(applied["__weight__"]) == pytest.approx(sum(weights))
+            for n in names:
+                bound = fixed_point.mean_error_bound(len(SITES), sum(weights), np.abs(exact[n]).max())
+                bound += np.finfo(np.float32).eps * np.abs(exact[n]).max()
+                assert np.abs(applied[n] - exact[n]).max() <= bound, (site, r, n)
+                assert np.abs(exact[n]).max() > 100 * bound  # the check is not vacuous

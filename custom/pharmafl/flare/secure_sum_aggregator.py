@@ -31,7 +31,18 @@ from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
 
 SECURE_SUM_LOG = "secure_sum.jsonl"
 SECURE_META = "secure_sum_kind"  # DXO meta of a masked upload: the data kind of the update it hides
-MEANS_DIR = "secure_sum_means"  # record_means: the decoded mean of each round, for tests
+MEANS_DIR = "secure_sum_means"  # record_means: the decoded mean (server-blind: the blind sum) of each round, for tests
+BLIND_META = "secure_sum_blind"  # DXO meta of a server-blind aggregate or global-model payload
+
+
+def _blind_payload(result) -> dict:
+    """What the sites need to unblind a round: its number, uploaders, layout and the group-masked sum."""
+    return {
+        "round": result.round,
+        "uploaded": list(result.uploaded),
+        "layout": [[name, list(shape), dtype] for name, shape, dtype in result.layout],
+        "blind_sum": result.blind_sum,
+    }
 
 
 class MaskedSecureSumAggregator(Aggregator):
@@ -67,7 +78,10 @@ class MaskedSecureSumAggregator(Aggregator):
             fraction_bits: quantization ``2^-fraction_bits``; None: the most the modulus allows.
             modulus_bits: 32 or 64; None: chosen.
             neighbours: None: masks between all pairs; 0: SecAgg+ graph with k = 2 ceil(log2 n); k: that k.
-            server_blind: the server-blind group mask; not available in the FLARE jobs yet (refused).
+            server_blind: the sites add a group mask the server cannot remove: the server's result is the still
+                group-masked sum (``BLIND_META`` DXO: round, uploaders, layout, blind sum), which
+                ``pharmafl.flare.secure_sum_blind.BlindShareableGenerator`` forwards and the sites unblind. Only
+                with ``aggregation="mean"``.
             aggregation: ``mean`` (FedAvg of the updates) or ``fra-lora`` (the mean of the clients' ``<module>.delta``
                 truncated to rank ``rank``, as ``FRALoRAAggregator`` with ``upload="delta"``).
             rank, residual_policy: FRA-LoRA settings.
@@ -75,16 +89,18 @@ class MaskedSecureSumAggregator(Aggregator):
             output_data_kind: data kind of the mean (``WEIGHT_DIFF`` for updates; FRA-LoRA always gives ``WEIGHTS``).
             root_ca_path: consortium root CA; "" uses ``<workspace>/startup/rootCA.pem`` when it exists.
             require_signed: refuse advertisements not signed by a startup-kit key (provisioned deployments).
-            record_means: write each round's decoded mean to ``<run_dir>/secure_sum_means/`` (tests).
+            record_means: write each round's decoded mean (server-blind: the blind sum the server holds) to
+                ``<run_dir>/secure_sum_means/`` (tests).
         """
         super().__init__()
-        if server_blind:
-            raise ValueError(
-                "server_blind is implemented in pharmafl.aggregation.secure_sum but not wired into the FLARE jobs "
-                "yet; set server_blind to false"
-            )
         if aggregation not in ("mean", "fra-lora"):
             raise ValueError(f"aggregation must be 'mean' or 'fra-lora', got {aggregation!r}")
+        if server_blind and aggregation != "mean":
+            raise ValueError(
+                f"server_blind works only with linear aggregation (aggregation 'mean'), not {aggregation!r}: "
+                "FRA-LoRA factorises the mean update on the server, so the server must see it; "
+                "set server_blind to false or aggregation to 'mean'"
+            )
         if residual_policy not in RESIDUAL_POLICIES:
             raise ValueError(f"residual_policy must be one of {RESIDUAL_POLICIES}, got {residual_policy!r}")
         if output_data_kind not in (DataKind.WEIGHT_DIFF, DataKind.WEIGHTS):
@@ -100,6 +116,7 @@ class MaskedSecureSumAggregator(Aggregator):
             neighbours=neighbours,
             aggregation=aggregation,
             require_signed=require_signed,
+            server_blind=bool(server_blind),
         )
         # (the number of sites is known at key setup, where it is checked again)
         SecureSumConfig(threshold=max(threshold, 1), **self.settings).fixed_point(1)
@@ -107,6 +124,7 @@ class MaskedSecureSumAggregator(Aggregator):
         self.rank, self.residual_policy = rank, residual_policy
         self.weigh_by_local_steps = weigh_by_local_steps
         self.output_data_kind = DataKind.WEIGHTS if aggregation == "fra-lora" else output_data_kind
+        self.server_blind = bool(server_blind)
         self.root_ca_path = root_ca_path
         self.record_means = record_means
         self.server: SecureSumServer | None = None
@@ -136,6 +154,12 @@ class MaskedSecureSumAggregator(Aggregator):
     def register_key_shares(self, site: str, messages: dict, fl_ctx: FLContext) -> None:
         self.server.register_key_shares(site, messages)
 
+    def group_seed_ciphertexts(self) -> dict[str, bytes]:
+        """Server-blind: the group seed, encrypted to each site by the lowest-named one (opaque to the server)."""
+        if self.server is None:
+            raise SecureSumError("no key setup ran before the training rounds; add SecureKeySetup to the workflows")
+        return dict(self.server.group_seed_ciphertexts)
+
     # -- rounds (called by SecureScatterAndGather)
     def start_round(self, fl_ctx: FLContext) -> list[str]:
         """The round's participants; raises SecureSumError when fewer than t sites are left."""
@@ -143,7 +167,7 @@ class MaskedSecureSumAggregator(Aggregator):
             raise SecureSumError("no key setup ran before the training rounds; add SecureKeySetup to the workflows")
         current_round = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
         self._result, self._failure = None, None
-        self._round_record = {"round": current_round}
+        self._round_record = {"round": current_round, **({"server_blind": True} if self.server_blind else {})}
         return self.server.start_round(current_round, self._expected_layout(fl_ctx))
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
@@ -178,16 +202,8 @@ class MaskedSecureSumAggregator(Aggregator):
         return {site: request.to_dict() for site, request in self.server.unmask_requests().items()}
 
     def finish(self, responses: dict[str, dict], fl_ctx: FLContext) -> None:
-        """Unmask with the survivors' shares and keep the round's mean for ``aggregate``."""
+        """Unmask with the survivors' shares; keep the round's mean (server-blind: the blind sum) for ``aggregate``."""
         result = self.server.finish(responses)
-        mean = result.mean
-        if self.config.aggregation == "fra-lora":
-            fra = fra_lora_from_deltas(
-                [mean], [1.0], self.rank, residual=self.residual, residual_policy=self.residual_policy
-            )
-            self.residual = fra.residual
-            mean = fra.factors
-        self._result = {"data": mean, "weight": result.total_weight}
         self._round_record.update(
             status="ok",
             uploaded=result.uploaded,
@@ -195,14 +211,28 @@ class MaskedSecureSumAggregator(Aggregator):
             survivors=result.survivors,
             total_weight=result.total_weight,
         )
+        if self.server_blind:
+            self._result = {"blind": _blind_payload(result)}
+            recorded = {"blind_sum": result.blind_sum}
+        else:
+            mean = result.mean
+            if self.config.aggregation == "fra-lora":
+                fra = fra_lora_from_deltas(
+                    [mean], [1.0], self.rank, residual=self.residual, residual_policy=self.residual_policy
+                )
+                self.residual = fra.residual
+                mean = fra.factors
+            self._result = {"data": mean, "weight": result.total_weight}
+            recorded = result.mean
         if self.record_means:
             run_dir = self._run_dir(fl_ctx)
             if run_dir:
                 os.makedirs(os.path.join(run_dir, MEANS_DIR), exist_ok=True)
-                np.savez(os.path.join(run_dir, MEANS_DIR, f"round_{result.round}.npz"), **result.mean)
+                np.savez(os.path.join(run_dir, MEANS_DIR, f"round_{result.round}.npz"), **recorded)
+        blind = " (still under the sites' group masks)" if self.server_blind else ""
         self.log_info(
             fl_ctx,
-            f"round {result.round}: unmasked the sum of {result.uploaded} with shares from {result.survivors}; "
+            f"round {result.round}: unmasked the sum of {result.uploaded}{blind} with shares from {result.survivors}; "
             f"dropped {result.dropped}",
         )
 
@@ -219,7 +249,12 @@ class MaskedSecureSumAggregator(Aggregator):
             if self._failure is None:
                 self.fail_round("the round was not unmasked", fl_ctx)
             # An empty update leaves the global model exactly as it was.
+            if self.server_blind:
+                return DXO(data_kind=DataKind.COLLECTION, data={}, meta={BLIND_META: True}).to_shareable()
             return DXO(data_kind=self.output_data_kind, data={}).to_shareable()
+        if self.server_blind:
+            payload = {**self._result["blind"], "data_kind": self.output_data_kind}
+            return DXO(data_kind=DataKind.COLLECTION, data=payload, meta={BLIND_META: True}).to_shareable()
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self._result["weight"]}
         return DXO(data_kind=self.output_data_kind, data=self._result["data"], meta=meta).to_shareable()
 

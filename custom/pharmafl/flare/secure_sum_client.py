@@ -3,6 +3,8 @@
 - ``SecureSumSite`` (component, id ``secure_sum``) holds the site's ``SecureSumClient``: keys, peers, shares. It
   also remembers the round and participants of the current train task, and applies the test-only fault injection.
 - ``SecureSumExecutor`` answers the protocol's own tasks (advertise, share keys, unmask) through the component.
+- In the server-blind mode ``SecureSumSite`` also keeps the site's copy of the global model: ``open_blind`` removes
+  the group masks from the server's aggregate and applies the mean update (``pharmafl.flare.secure_sum_blind``).
 - ``SecureMaskFilter`` is a task-result filter on ``train``: it replaces whatever update the training executor
   produced (the trunk update of ``MultiTaskExecutor``, the ``<module>.delta`` update of ``ESMLoRAExecutor``) by its
   signed masked upload, so the executors stay unchanged. Put it last in the job's result filters.
@@ -16,6 +18,7 @@ after signing; ``mis-sized``: it signs and sends an upload one value short.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
@@ -36,6 +39,8 @@ from pharmafl.flare.secure_sum_controllers import ADVERTISE_TASK, PARTICIPANTS_H
 
 FAULT_PHASES = ("after-setup", "after-upload", "tampered", "mis-sized")
 RECORD_DIR = "secure_sum_plain"  # record_updates: what this site uploaded, in plaintext, on its own disk (tests)
+BLIND_MEAN = "blind_mean_round_{}.npz"  # record_updates, server-blind: the unblinded mean a site applied
+BLIND_MODEL = "blind_global_round_{}.npz"  # record_updates, server-blind: the site's global model after that round
 
 
 class SecureSumSite(FLComponent):
@@ -59,7 +64,8 @@ class SecureSumSite(FLComponent):
                 module docstring).
             fault_round: the round from which faults without ``@ROUND`` apply.
             record_updates: TEST ONLY: keep each uploaded update in plaintext in ``<run_dir>/secure_sum_plain/``
-                (on this site's own disk) so tests can check the server's mean.
+                (on this site's own disk) so tests can check the server's mean; server-blind, also the unblinded
+                mean and the site's global model of each round.
             min_threshold: the lowest threshold this site accepts from the server's settings (a threshold of 1
                 would let the server collect both secrets of a site from two different peers).
         """
@@ -80,6 +86,11 @@ class SecureSumSite(FLComponent):
         self.round: int | None = None
         self.participants: list[str] = []
         self.site = ""
+        # server-blind: the group seed addressed to this site, its copy of the global model and the last round
+        # whose aggregate that copy holds (-1: the initial model)
+        self.group_seed_ciphertext = b""
+        self.global_model: dict[str, np.ndarray] | None = None
+        self.global_round: int | None = None
 
     # -- events: remember the current train task's round and participants (filters do not see the task data)
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
@@ -145,7 +156,7 @@ class SecureSumSite(FLComponent):
             last = sorted(update)[-1]
             update[last] = np.asarray(update[last]).reshape(-1)[:-1]
         client = self._client()
-        upload = client.mask(update, float(weight), self.round, self.participants)
+        upload = client.mask(update, float(weight), self.round, self.participants, self.group_seed_ciphertext)
         if phase == "tampered":  # altered in transit, after signing
             upload.vector[1] += upload.vector.dtype.type(1)
         if self.record_updates:
@@ -161,6 +172,61 @@ class SecureSumSite(FLComponent):
         reply = Shareable()
         reply["shares"] = self._client().unmask(UnmaskRequest.from_dict(request))
         return reply
+
+    def open_blind(self, payload: Mapping, fl_ctx: FLContext) -> dict[str, np.ndarray]:
+        """Server-blind: bring this site's copy of the global model up to date from the server's payload.
+
+        The payload (``BlindShareableGenerator``) carries the group seed encrypted to each site, the initial model
+        until a first aggregate exists, and then the latest round's group-masked aggregate with the round it builds
+        on. Returns a copy of the global model, for the executor.
+        """
+        client = self._client()
+        seeds = dict(payload.get("group_seeds") or {})
+        self.group_seed_ciphertext = bytes(seeds.get(fl_ctx.get_identity_name(), b""))
+        initial = payload.get("initial")
+        if initial:
+            self.global_model = {name: np.array(value, copy=True) for name, value in initial.items()}
+            self.global_round = -1
+        if self.global_model is None:
+            raise SecureSumError("this site has no copy of the global model: it missed the initial model")
+        aggregate = payload.get("aggregate") or {}
+        if aggregate and int(aggregate["round"]) != self.global_round:  # a failed round re-sends the last one
+            self._apply_blind(client, aggregate, fl_ctx)
+        return {name: value.copy() for name, value in self.global_model.items()}
+
+    def _apply_blind(self, client: SecureSumClient, aggregate: Mapping, fl_ctx: FLContext) -> None:
+        round_number, previous = int(aggregate["round"]), int(aggregate["previous"])
+        if previous != self.global_round:
+            raise SecureSumError(
+                f"the aggregate of round {round_number} builds on round {previous}, but this site's global model is "
+                f"at round {self.global_round}: it missed an aggregate and cannot rebuild the global model"
+            )
+        layout = [(str(n), tuple(int(x) for x in s), str(d)) for n, s, d in aggregate["layout"]]
+        weight, mean = client.unblind(
+            np.asarray(aggregate["blind_sum"]),
+            round_number,
+            list(aggregate["uploaded"]),
+            layout,
+            self.group_seed_ciphertext,
+        )
+        wrong = sorted(name for name, value in mean.items() if np.shape(self.global_model.get(name)) != np.shape(value))
+        if wrong:
+            raise SecureSumError(f"the aggregate of round {round_number} does not fit the global model's {wrong}")
+        if aggregate.get("data_kind", DataKind.WEIGHT_DIFF) == DataKind.WEIGHTS:
+            self.global_model.update(mean)
+        else:
+            for name, value in mean.items():
+                self.global_model[name] = self.global_model[name] + value
+        self.global_round = round_number
+        self.log_info(
+            fl_ctx,
+            f"server-blind: unblinded round {round_number} (uploaders {list(aggregate['uploaded'])}, "
+            f"total weight {weight:g}) and applied it to this site's global model",
+        )
+        if self.record_updates:
+            folder = self._record_dir(fl_ctx)
+            np.savez(os.path.join(folder, BLIND_MEAN.format(round_number)), __weight__=weight, **mean)
+            np.savez(os.path.join(folder, BLIND_MODEL.format(round_number)), **self.global_model)
 
     # -- helpers
     def _client(self) -> SecureSumClient:
@@ -182,10 +248,13 @@ class SecureSumSite(FLComponent):
                 contents.append(f.read())
         return tuple(contents)
 
-    def _record(self, fl_ctx: FLContext, update: dict, weight: float) -> None:
+    def _record_dir(self, fl_ctx: FLContext) -> str:
         run_dir = fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())
         os.makedirs(os.path.join(run_dir, RECORD_DIR), exist_ok=True)
-        np.savez(os.path.join(run_dir, RECORD_DIR, f"round_{self.round}.npz"), __weight__=weight, **update)
+        return os.path.join(run_dir, RECORD_DIR)
+
+    def _record(self, fl_ctx: FLContext, update: dict, weight: float) -> None:
+        np.savez(os.path.join(self._record_dir(fl_ctx), f"round_{self.round}.npz"), __weight__=weight, **update)
 
 
 def _site(fl_ctx: FLContext, component_id: str) -> SecureSumSite:

@@ -132,7 +132,8 @@ class SecureScatterAndGather(ScatterAndGather):
         their shares; with at least t answers the aggregator strips the masks. A round that cannot be unmasked
         (fewer than t uploads or answers) leaves the global model unchanged and is logged with the reason; when
         fewer than t sites can take part at all, the job stops. Every round's outcome and the global model's digest
-        before and after it go to ``<run_dir>/secure_sum.jsonl``.
+        before and after it go to ``<run_dir>/secure_sum.jsonl``. With a server-blind aggregator the shareable
+        generator must be ``BlindShareableGenerator`` (the server's model then never changes).
 
         Args:
             unmask_timeout: seconds the unmasking task may take.
@@ -145,7 +146,15 @@ class SecureScatterAndGather(ScatterAndGather):
 
     def start_controller(self, fl_ctx: FLContext) -> None:
         super().start_controller(fl_ctx)
-        _secure_aggregator(self._engine, self.aggregator_id)
+        aggregator = _secure_aggregator(self._engine, self.aggregator_id)
+        blind_generator = bool(getattr(self.shareable_gen, "server_blind", False))
+        if aggregator.server_blind != blind_generator:
+            self.system_panic(
+                "server-blind secure sum needs both the aggregator's server_blind and a BlindShareableGenerator "
+                f"(pharmafl.flare.secure_sum_blind); the aggregator has server_blind={aggregator.server_blind}, the "
+                f"shareable generator is {type(self.shareable_gen).__name__}",
+                fl_ctx,
+            )
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         super().handle_event(event_type, fl_ctx)
