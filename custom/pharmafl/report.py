@@ -30,8 +30,10 @@ def federated_final(run_dir: Path) -> dict[str, dict]:
     results = json.loads((run_dir / "cross_site_val" / "cross_val_results.json").read_text())
     final = {}
     for site, by_model in results.items():
-        if by_model:
-            final[site] = next(iter(by_model.values()))
+        # A job started from a checkpoint also lists the initial model (e.g. SRV_initial_trunk.pt): skip it.
+        trained = [name for name in by_model if "initial" not in name.lower()] or list(by_model)
+        if trained:
+            final[site] = by_model[trained[0]]
     return final
 
 

@@ -101,7 +101,7 @@ def test_a_site_refuses_a_job_it_did_not_approve(consortium, one_round_job, tmp_
         submit_job(variant, wait=True, record_file=tmp_path / "record.jsonl", timeout_s=300, progress=None)
     message = str(refused.value)
     assert "FAILED_TO_RUN" in message
-    assert f"site pharma-c refuses job 'multitask_fedavg' (sha256 {sha256})" in message
+    assert f"site pharma-c refuses job 'multitask_fedavg' (sha256 {sha256}, scope trunk-only)" in message
     assert "pharma-a refuses" not in message and "pharma-b refuses" not in message
 
 
