@@ -11,7 +11,7 @@ from pharmafl.consortium.poc import flare_processes, poc_down, poc_status, poc_u
 from pharmafl.consortium.submit import submit_job
 from pharmafl.errors import UserError
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
-from pharmafl.jobs import CLIENT_CONFIG, read_json, repo_root, write_job_copy
+from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, read_json, repo_root, write_job_copy
 
 from .conftest import SITES, free_port_pair
 
@@ -125,6 +125,24 @@ def test_trunk_only_scope_keeps_the_head_at_the_site(consortium, tmp_path):
     for site in SITES:
         site_log = (consortium["kits"] / site / result["job_id"] / "log.txt").read_text()
         assert "TrunkOnlyFilter removed 2 non-trunk entries" in site_log
+
+
+def test_secure_sum_with_advertisements_signed_by_the_startup_kits(consortium, tmp_path):
+    # POC sites have startup kits: every site signs its key advertisement with its kit key and the
+    # server refuses any advertisement that does not verify against the consortium root CA.
+    job = write_job_copy(repo_root() / "jobs" / "multitask_secure", tmp_path, num_rounds=1, min_clients=3)
+    server = read_json(job / SERVER_CONFIG)
+    find_component(server, "aggregator")["args"]["require_signed"] = True
+    (job / SERVER_CONFIG).write_text(json.dumps(server, indent=2))
+    _approve(job, consortium["kits"], SITES)
+    result = submit_job(
+        job, wait=True, out_dir=tmp_path / "out", record_file=tmp_path / "r.jsonl", timeout_s=600, progress=None
+    )
+    assert result["status"] == "FINISHED:COMPLETED"
+    logs = " ".join(path.read_text() for path in Path(result["result_dir"]).rglob("log.txt"))
+    assert "3 sites advertised keys, signed by startup kits" in logs
+    (record,) = [json.loads(line) for line in next(Path(result["result_dir"]).rglob("secure_sum.jsonl")).open()]
+    assert sorted(record["survivors"]) == SITES
 
 
 def test_up_after_a_killed_run_and_down_twice(consortium, chembl_consortium):
