@@ -7,10 +7,7 @@ the accepted ones.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
@@ -22,6 +19,7 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
 from pharmafl.aggregation.weighted_mean import shapes_of, update_problem, weighted_mean
+from pharmafl.flare.run_records import append_run_record
 
 CONTRIBUTIONS_LOG = "contributions.jsonl"
 
@@ -128,17 +126,7 @@ class CheckedAggregator(Aggregator):
         return False
 
     def _record(self, fl_ctx: FLContext, site: str, contribution_round, keys: list, **fields) -> None:
-        engine = fl_ctx.get_engine()
-        job_id = fl_ctx.get_job_id()
-        if engine is None or job_id is None:
-            return
-        try:
-            run_dir = engine.get_workspace().get_run_dir(job_id)
-        except Exception:  # no workspace (unit tests with a bare engine): skip the file record
-            return
-        entry = {"time": time.time(), "site": site, "round": contribution_round, "keys": keys, **fields}
-        with open(os.path.join(run_dir, CONTRIBUTIONS_LOG), "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append_run_record(fl_ctx, CONTRIBUTIONS_LOG, site=site, round=contribution_round, keys=keys, **fields)
 
 
 class FedAvgAggregator(CheckedAggregator):

@@ -6,9 +6,7 @@ it; this class only adapts ``pharmafl.aggregation.secure_sum.SecureSumServer`` t
 
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
@@ -28,6 +26,7 @@ from pharmafl.aggregation.secure_sum.protocol import (
     SecureSumServer,
 )
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
+from pharmafl.flare.run_records import append_run_record, run_dir_of
 
 SECURE_SUM_LOG = "secure_sum.jsonl"
 SECURE_META = "secure_sum_kind"  # DXO meta of a masked upload: the data kind of the update it hides
@@ -185,7 +184,7 @@ class MaskedSecureSumAggregator(Aggregator):
         problem = self.server.receive_upload(upload)
         if problem:
             return self._reject(fl_ctx, site, contribution_round, problem)
-        self._record(
+        append_run_record(
             fl_ctx,
             CONTRIBUTIONS_LOG,
             site=site,
@@ -225,7 +224,7 @@ class MaskedSecureSumAggregator(Aggregator):
             self._result = {"data": mean, "weight": result.total_weight}
             recorded = result.mean
         if self.record_means:
-            run_dir = self._run_dir(fl_ctx)
+            run_dir = run_dir_of(fl_ctx)
             if run_dir:
                 os.makedirs(os.path.join(run_dir, MEANS_DIR), exist_ok=True)
                 np.savez(os.path.join(run_dir, MEANS_DIR, f"round_{result.round}.npz"), **recorded)
@@ -262,7 +261,7 @@ class MaskedSecureSumAggregator(Aggregator):
         self._result = None
 
     def log_round(self, fl_ctx: FLContext, **fields) -> None:
-        self._record(fl_ctx, SECURE_SUM_LOG, **self._round_record, **fields)
+        append_run_record(fl_ctx, SECURE_SUM_LOG, **self._round_record, **fields)
 
     # -- helpers
     def _expected_layout(self, fl_ctx: FLContext):
@@ -290,7 +289,7 @@ class MaskedSecureSumAggregator(Aggregator):
 
     def _reject(self, fl_ctx: FLContext, site: str, contribution_round, reason: str) -> bool:
         self.log_error(fl_ctx, f"rejected contribution from {site} (round {contribution_round}): {reason}")
-        self._record(
+        append_run_record(
             fl_ctx,
             CONTRIBUTIONS_LOG,
             site=site,
@@ -301,18 +300,3 @@ class MaskedSecureSumAggregator(Aggregator):
             masked=True,
         )
         return False
-
-    def _run_dir(self, fl_ctx: FLContext) -> str | None:
-        engine, job_id = fl_ctx.get_engine(), fl_ctx.get_job_id()
-        if engine is None or job_id is None:
-            return None
-        try:
-            return engine.get_workspace().get_run_dir(job_id)
-        except Exception:  # no workspace (unit tests with a bare engine)
-            return None
-
-    def _record(self, fl_ctx: FLContext, filename: str, **fields) -> None:
-        run_dir = self._run_dir(fl_ctx)
-        if run_dir:
-            with open(os.path.join(run_dir, filename), "a") as f:
-                f.write(json.dumps({"time": time.time(), **fields}, default=str) + "\n")
