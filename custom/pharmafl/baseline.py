@@ -8,24 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pharmafl.chem.dataset import load_site
-from pharmafl.jobs import executor_args, job_configs, prepared_sites, trunk_model_args
+from pharmafl.jobs import executor_args, job_configs, prepared_sites, settings_from_args, trunk_model_args
 from pharmafl.training.multitask import MultiTaskTrainer, TrainConfig
-
-TRAIN_ARGS = (
-    "dropout",
-    "learning_rate",
-    "weight_decay",
-    "batch_size",
-    "local_epochs",
-    "validation_fold",
-    "seed",
-)
 
 
 def job_train_config(job_dir: str | Path) -> tuple[TrainConfig, list[int], int]:
     """(TrainConfig, hidden sizes, rounds) exactly as the federated job would use them."""
     args = executor_args(job_dir)
-    config = TrainConfig(**{k: args[k] for k in TRAIN_ARGS if k in args})
+    config = settings_from_args(TrainConfig, args)
     hidden_sizes = list(trunk_model_args(job_dir)["hidden_sizes"])
     return config, hidden_sizes, int(job_configs(job_dir)[0]["num_rounds"])
 

@@ -40,6 +40,16 @@ def _assignment(text: str) -> tuple[str, object]:
         return name, value
 
 
+def _add_executor_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=_assignment,
+        metavar="NAME=VALUE",
+        help="override an executor argument of the job (repeatable), e.g. --set grad_noise_std=1e-4",
+    )
+
+
 def _executor_overrides(args: argparse.Namespace) -> dict | None:
     overrides = dict(args.set or [])
     if getattr(args, "model", None):
@@ -337,13 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="secure-sum jobs, testing: SITE sends a tampered or mis-sized upload (repeatable)",
     )
     simulate.add_argument("--fault-round", type=int, default=0, help="round from which --drop/--tamper apply")
-    simulate.add_argument(
-        "--set",
-        action="append",
-        type=_assignment,
-        metavar="NAME=VALUE",
-        help="override an executor argument of the job (repeatable), e.g. --set grad_noise_std=1e-4",
-    )
+    _add_executor_overrides(simulate)
     simulate.set_defaults(func=cmd_simulate)
 
     baseline = commands.add_parser("baseline", help="non-federated baselines").add_subparsers(
@@ -366,13 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     baseline_esm.add_argument("--job", default=str(repo_root() / "jobs" / "esm2_lora_fra"))
     baseline_esm.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
     baseline_esm.add_argument("--model", default=None, help="hub name or local folder of the base model")
-    baseline_esm.add_argument(
-        "--set",
-        action="append",
-        type=_assignment,
-        metavar="NAME=VALUE",
-        help="override an executor argument of the job (repeatable), e.g. --set grad_noise_std=1e-4",
-    )
+    _add_executor_overrides(baseline_esm)
     baseline_esm.set_defaults(func=cmd_baseline_esm)
 
     report = commands.add_parser("report", help="summary.json, report.md and plots of a finished run")

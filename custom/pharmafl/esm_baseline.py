@@ -14,22 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pharmafl.errors import UserError
-from pharmafl.jobs import executor_args, job_configs, prepared_sites
+from pharmafl.jobs import executor_args, job_configs, prepared_sites, settings_from_args
 from pharmafl.models.esm_lora import LoRASettings, load_esm_lora
 from pharmafl.proteins.dataset import load_client, load_common_test
 from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer
 
 MODES = ("centralized", "local")
-TRAIN_ARGS = (
-    "learning_rate",
-    "batch_size",
-    "local_steps",
-    "max_length",
-    "grad_clip",
-    "grad_noise_std",
-    "class_weight",
-    "seed",
-)
 
 
 def run_esm_baseline(
@@ -46,7 +36,7 @@ def run_esm_baseline(
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'.")
     args = {**executor_args(job_dir), **(overrides or {})}
     rounds = rounds or int(job_configs(job_dir)[0]["num_rounds"])
-    config = BindingSiteConfig(**{name: args[name] for name in TRAIN_ARGS if name in args})
+    config = settings_from_args(BindingSiteConfig, args)
     lora = LoRASettings(
         rank=args.get("lora_rank", 16), alpha=args.get("lora_alpha", 32), dropout=args.get("lora_dropout", 0.05)
     )

@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 from pharmafl.errors import UserError
@@ -57,6 +58,11 @@ def accepted_arguments(class_path: str) -> set[str]:
     module_name, _, class_name = class_path.rpartition(".")
     component = getattr(importlib.import_module(module_name), class_name)
     return set(inspect.signature(component.__init__).parameters) - {"self"}
+
+
+def settings_from_args(settings_class, args: dict):
+    """A settings dataclass (e.g. a training config) from the executor arguments that name its fields."""
+    return settings_class(**{field.name: args[field.name] for field in fields(settings_class) if field.name in args})
 
 
 def write_job_copy(

@@ -388,6 +388,21 @@ def _check_policy(policy: str) -> None:
         raise ValueError(f"residual_policy must be one of {RESIDUAL_POLICIES}, not {policy!r}")
 
 
+def _checked_keys(clients: Sequence[Mapping], weights: Sequence[float], rank: int, policy: str) -> list:
+    """Check the arguments every whole-model entry point shares; the keys every client must carry."""
+    _check_rank(rank)
+    _check_policy(policy)
+    if not clients:
+        raise ValueError("need at least one client's update")
+    _total_weight(weights, len(clients))
+    keys = list(clients[0])
+    for index, client in enumerate(clients[1:], start=1):
+        if set(client) != set(keys):
+            missing, extra = sorted(set(keys) - set(client)), sorted(set(client) - set(keys))
+            raise ValueError(f"client {index} has different keys (missing {missing[:5]}, unexpected {extra[:5]})")
+    return keys
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Named factors: a whole model
 
@@ -444,16 +459,7 @@ def fra_lora_aggregate(
             is smaller, in the clients' dtype.
         workers: threads truncating modules in parallel, each with single-threaded BLAS; None = one per CPU.
     """
-    _check_rank(rank)
-    _check_policy(residual_policy)
-    if not client_factors:
-        raise ValueError("need at least one client's factors")
-    _total_weight(weights, len(client_factors))
-    keys = list(client_factors[0])
-    for index, factors in enumerate(client_factors[1:], start=1):
-        if set(factors) != set(keys):
-            missing, extra = sorted(set(keys) - set(factors)), sorted(set(factors) - set(keys))
-            raise ValueError(f"client {index} has different keys (missing {missing[:5]}, unexpected {extra[:5]})")
+    keys = _checked_keys(client_factors, weights, rank, residual_policy)
     pairs = list(lora_pairs) if lora_pairs is not None else find_lora_pairs(keys)
     for a_key, b_key in pairs:
         if a_key not in client_factors[0] or b_key not in client_factors[0]:
@@ -514,15 +520,7 @@ def fra_lora_from_deltas(
     truncated by a full SVD, or through its Gram matrix above ``PARTIAL_SVD_ABOVE`` when that is accurate to
     ``GRAM_RTOL`` (checked; otherwise the full SVD). A carried residual is dense here.
     """
-    _check_rank(rank)
-    _check_policy(residual_policy)
-    if not client_deltas:
-        raise ValueError("need at least one client's update")
-    _total_weight(weights, len(client_deltas))
-    keys = list(client_deltas[0])
-    for index, deltas in enumerate(client_deltas[1:], start=1):
-        if set(deltas) != set(keys):
-            raise ValueError(f"client {index} has different keys from client 0")
+    keys = _checked_keys(client_deltas, weights, rank, residual_policy)
     delta_keys = [key for key in keys if key.endswith(".delta")] if delta_keys is None else list(delta_keys)
     for key in delta_keys:
         if key not in client_deltas[0] or np.ndim(client_deltas[0][key]) != 2:
