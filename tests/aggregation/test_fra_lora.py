@@ -218,6 +218,31 @@ def test_output_keeps_the_clients_dtype_and_parallel_equals_serial():
         np.testing.assert_allclose(value, parallel.factors[key], rtol=1e-5, atol=1e-6)
 
 
+def test_dtypes_name_the_output_dtype_and_the_math_stays_in_float64():
+    rng = np.random.default_rng(15)
+    clients = peft_clients(rng, 3, dtype=np.float16)
+    keys = list(clients[0])
+    wanted = {key: np.dtype(np.float32) for key in keys}
+    result = fra_lora_aggregate(clients, [1, 2, 3], rank=4, dtypes=wanted, residual_policy="carry")
+    assert {key: value.dtype for key, value in result.factors.items()} == wanted
+    assert all(value.dtype == np.float32 for value in result.residual.values())
+    a_key, b_key = "layer.q.lora_A.weight", "layer.q.lora_B.weight"
+    U, S, Vt = dense_mean_svd([c[b_key] for c in clients], [c[a_key] for c in clients], [1, 2, 3], 4)
+    # float32 output of a float64 truncation: far closer than a float16 round trip (~1e-3) would allow.
+    assert rel(result.factors[b_key].astype(np.float64) @ result.factors[a_key], product(U, S, Vt)) < 1e-5
+    unnamed = fra_lora_aggregate(clients, [1, 2, 3], rank=4, dtypes={"classifier.bias": np.dtype(np.float64)})
+    assert unnamed.factors["classifier.bias"].dtype == np.float64 and unnamed.factors[a_key].dtype == np.float16
+
+
+def test_from_deltas_returns_the_factors_in_the_named_dtype():
+    rng = np.random.default_rng(16)
+    deltas = [{"layer.q.delta": rng.standard_normal((12, 10)), "classifier.bias": rng.standard_normal(2)} for _ in "ab"]
+    wanted = {"layer.q.lora_A.weight": np.float32, "layer.q.lora_B.weight": np.float32, "classifier.bias": np.float16}
+    result = fra_lora_from_deltas(deltas, [1, 1], rank=3, dtypes=wanted)
+    assert {key: value.dtype for key, value in result.factors.items()} == {k: np.dtype(v) for k, v in wanted.items()}
+    assert fra_lora_from_deltas(deltas, [1, 1], rank=3).factors["layer.q.lora_A.weight"].dtype == np.float64
+
+
 def test_retained_energy_is_one_when_nothing_is_truncated():
     rng = np.random.default_rng(9)
     clients = peft_clients(rng, 2, r=3, head=False)

@@ -69,7 +69,59 @@ def test_delta_uploads_give_the_same_adapter():
     np.testing.assert_allclose(one[B_KEY] @ one[A_KEY], two[B_KEY] @ two[A_KEY], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kwargs", [{"rank": 0}, {"upload": "both"}, {"residual_policy": "keep"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rank": 0},
+        {"upload": "both"},
+        {"residual_policy": "keep"},
+        {"max_weight": 0},
+        {"max_weight": float("inf")},
+        {"max_weight": True},
+    ],
+)
 def test_invalid_configuration(kwargs):
     with pytest.raises(ValueError):
         FRALoRAAggregator(**kwargs)
+
+
+@pytest.mark.parametrize("client_dtype", [np.float16, np.float64])
+def test_factors_and_head_come_back_in_the_global_models_dtype(client_dtype):
+    aggregator = FRALoRAAggregator(rank=RANK)
+    fl_ctx = make_context(global_weights=factors(99))  # float32
+    clients = [{key: value.astype(client_dtype) for key, value in factors(seed).items()} for seed in range(2)]
+    for index, update in enumerate(clients):
+        assert aggregator.accept(contribution(f"site-{index}", update, kind=DataKind.WEIGHTS), fl_ctx)
+    result = from_shareable(aggregator.aggregate(fl_ctx)).data
+    assert {key: value.dtype for key, value in result.items()} == dict.fromkeys((A_KEY, B_KEY, HEAD), np.float32)
+    expected_head = np.mean([c[HEAD].astype(np.float64) for c in clients], axis=0)
+    np.testing.assert_allclose(result[HEAD], expected_head, rtol=1e-6)
+
+
+def test_delta_uploads_come_back_in_the_global_adapters_dtype():
+    aggregator = FRALoRAAggregator(rank=RANK, upload="delta")
+    fl_ctx = make_context(global_weights=factors(99))  # the float32 adapter the deltas replace
+    for index in range(2):
+        client = {key: value.astype(np.float64) for key, value in factors(index).items()}
+        delta = {f"{MODULE}.delta": client[B_KEY] @ client[A_KEY], HEAD: client[HEAD]}
+        assert aggregator.accept(contribution(f"site-{index}", delta, kind=DataKind.WEIGHTS), fl_ctx)
+    result = from_shareable(aggregator.aggregate(fl_ctx)).data
+    assert result[A_KEY].dtype == result[B_KEY].dtype == result[HEAD].dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "bad", [np.ones((RANK, D_IN), dtype=np.int8), np.ones((RANK, D_IN), dtype=bool), "text", {1: np.ones(2)}]
+)
+def test_non_float_factors_are_refused_not_a_crash(bad):
+    aggregator = FRALoRAAggregator(rank=RANK)
+    fl_ctx = make_context(global_weights=factors(99))
+    update = {**factors(1), A_KEY: bad} if not isinstance(bad, dict) else bad
+    assert not aggregator.accept(contribution("site-1", update, kind=DataKind.WEIGHTS), fl_ctx)
+    assert aggregator.rejections and aggregator.rejections[0]["site"] == "site-1"
+
+
+def test_a_spoofed_sender_is_refused_by_fra_lora_too():
+    aggregator = FRALoRAAggregator(rank=RANK)
+    fl_ctx = make_context(global_weights=factors(99))
+    assert not aggregator.accept(contribution("site-1", factors(1), kind=DataKind.WEIGHTS, claimed="site-2"), fl_ctx)
+    assert "FLARE authenticated 'site-1'" in aggregator.rejections[0]["reason"]

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.linalg import eigh, lapack
 
-from pharmafl.aggregation.weighted_mean import Shapes, update_problem, weighted_mean
+from pharmafl.aggregation.weighted_mean import Dtypes, Shapes, update_problem, weighted_mean
 
 RESIDUAL_POLICIES = ("drop", "carry")
 # The Gram path's answer is kept when its error estimate is below this: measured errors on random, shared,
@@ -443,6 +443,7 @@ def fra_lora_aggregate(
     residual: Mapping[str, np.ndarray] | None = None,
     residual_policy: str = "drop",
     workers: int | None = None,
+    dtypes: Dtypes | None = None,
 ) -> FRAResult:
     """FRA-LoRA over named factors: every LoRA module through its mean full update, every other key averaged.
 
@@ -458,6 +459,8 @@ def fra_lora_aggregate(
             ``rank``; it grows by up to sum_u r_u - rank per round and becomes a dense d_out x d_in array once that
             is smaller, in the clients' dtype.
         workers: threads truncating modules in parallel, each with single-threaded BLAS; None = one per CPU.
+        dtypes: the dtype each returned key comes back in (the global model's); a key not named here comes back
+            in the first client's dtype. The carried residual of a module takes its B factor's dtype.
     """
     keys = _checked_keys(client_factors, weights, rank, residual_policy)
     pairs = list(lora_pairs) if lora_pairs is not None else find_lora_pairs(keys)
@@ -487,18 +490,20 @@ def fra_lora_aggregate(
 
     lora_keys = {key for pair in pairs for key in pair}
     others = [key for key in keys if key not in lora_keys]
-    averaged = weighted_mean([{key: f[key] for key in others} for f in client_factors], weights) if others else {}
+    averaged = (
+        weighted_mean([{key: f[key] for key in others} for f in client_factors], weights, dtypes) if others else {}
+    )
     factors, energy, paths, new_residual = {}, {}, {}, {}
     new_factors = {}
     for module, result in results.items():
         a_key, b_key = modules[module]
         B, A = split_factors(result.U, result.S, result.Vt)
-        new_factors[b_key] = B.astype(_float_dtype(client_factors[0][b_key]))
-        new_factors[a_key] = A.astype(_float_dtype(client_factors[0][a_key]))
+        new_factors[b_key] = B.astype(_out_dtype(dtypes, b_key, client_factors[0][b_key]))
+        new_factors[a_key] = A.astype(_out_dtype(dtypes, a_key, client_factors[0][a_key]))
         energy[module] = _energy_ratio(result)
         paths[module] = result.path
         if keep_rest:
-            new_residual.update(_residual_entries(module, result.rest, _float_dtype(client_factors[0][b_key])))
+            new_residual.update(_residual_entries(module, result.rest, new_factors[b_key].dtype))
     for key in keys:  # the clients' key order
         factors[key] = new_factors[key] if key in new_factors else averaged[key]
     return FRAResult(factors, energy, new_residual if keep_rest else None, paths)
@@ -512,13 +517,15 @@ def fra_lora_from_deltas(
     residual: Mapping[str, np.ndarray] | None = None,
     residual_policy: str = "drop",
     workers: int | None = None,
+    dtypes: Dtypes | None = None,
 ) -> FRAResult:
     """FRA-LoRA for clients that upload each module's full update dW (d_out x d_in) instead of its factors.
 
     ``delta_keys`` name the dW arrays (default: every key ending in ``.delta``); module ``x``'s ``x.delta`` comes back
     as ``x.lora_B.weight`` and ``x.lora_A.weight`` of rank ``rank``; every other key is averaged. The weighted mean is
     truncated by a full SVD, or through its Gram matrix above ``PARTIAL_SVD_ABOVE`` when that is accurate to
-    ``GRAM_RTOL`` (checked; otherwise the full SVD). A carried residual is dense here.
+    ``GRAM_RTOL`` (checked; otherwise the full SVD). A carried residual is dense here. ``dtypes`` names the dtype
+    of returned keys, as in ``fra_lora_aggregate``; a module's factors default to its delta's dtype.
     """
     keys = _checked_keys(client_deltas, weights, rank, residual_policy)
     delta_keys = [key for key in keys if key.endswith(".delta")] if delta_keys is None else list(delta_keys)
@@ -540,15 +547,17 @@ def fra_lora_from_deltas(
 
     results = _map_modules(aggregate_module, list(modules), workers)
     others = [key for key in keys if key not in set(delta_keys)]
-    factors = weighted_mean([{key: d[key] for key in others} for d in client_deltas], weights) if others else {}
+    factors = weighted_mean([{key: d[key] for key in others} for d in client_deltas], weights, dtypes) if others else {}
     energy, paths, new_residual = {}, {}, {}
     for module, result in results.items():
-        dtype = _float_dtype(client_deltas[0][modules[module]])
+        delta = client_deltas[0][modules[module]]
+        b_key, a_key = f"{module}.lora_B.weight", f"{module}.lora_A.weight"
         B, A = split_factors(result.U, result.S, result.Vt)
-        factors[f"{module}.lora_B.weight"], factors[f"{module}.lora_A.weight"] = B.astype(dtype), A.astype(dtype)
+        factors[b_key] = B.astype(_out_dtype(dtypes, b_key, delta))
+        factors[a_key] = A.astype(_out_dtype(dtypes, a_key, delta))
         energy[module], paths[module] = _energy_ratio(result), result.path
         if keep_rest:
-            new_residual.update(_residual_entries(module, result.rest, dtype))
+            new_residual.update(_residual_entries(module, result.rest, factors[b_key].dtype))
     return FRAResult(factors, energy, new_residual if keep_rest else None, paths)
 
 
@@ -615,6 +624,11 @@ def _energy_ratio(result: _Truncation) -> float:
 
 def _float_dtype(array: np.ndarray) -> np.dtype:
     return array.dtype if np.issubdtype(array.dtype, np.floating) else np.dtype(np.float64)
+
+
+def _out_dtype(dtypes: Dtypes | None, key: str, client_array: np.ndarray) -> np.dtype:
+    """The dtype ``key`` is returned in: the one ``dtypes`` names, else the (float) dtype of the client's array."""
+    return np.dtype(dtypes[key]) if dtypes and key in dtypes else _float_dtype(client_array)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

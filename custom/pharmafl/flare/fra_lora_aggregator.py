@@ -7,7 +7,7 @@ from nvflare.apis.fl_context import FLContext
 
 from pharmafl.aggregation.fra_lora import check_lora_update, fra_lora_aggregate, fra_lora_from_deltas
 from pharmafl.aggregation.weighted_mean import shapes_of, update_problem
-from pharmafl.flare.fedavg_aggregator import CheckedAggregator
+from pharmafl.flare.fedavg_aggregator import DEFAULT_MAX_WEIGHT, CheckedAggregator
 
 UPLOADS = ("factors", "delta")
 RESIDUAL_POLICIES = ("drop", "carry")
@@ -20,13 +20,15 @@ class FRALoRAAggregator(CheckedAggregator):
         upload: str = "factors",
         residual_policy: str = "drop",
         weigh_by_local_steps: bool = True,
+        max_weight: float = DEFAULT_MAX_WEIGHT,
     ):
         """Weighted mean of the clients' B·A per LoRA module, truncated back to rank ``rank``.
 
         Clients send their LoRA factors (``upload="factors"``, small) or each module's full update
         (``upload="delta"``, keys ``<module>.delta``; what secure aggregation needs). Every other
         entry (the classification head) is averaged. The result replaces the global adapter
-        (``WEIGHTS``). A client's factors with the wrong rank or shape, or NaN/Inf, are excluded.
+        (``WEIGHTS``), in the global model's dtypes where it has the key. A client's factors with the
+        wrong rank, shape or dtype, or NaN/Inf, are excluded (and everything ``CheckedAggregator`` rejects).
 
         Args:
             rank: rank of the global adapter.
@@ -34,8 +36,11 @@ class FRALoRAAggregator(CheckedAggregator):
             residual_policy: ``drop`` (default) or ``carry``: keep what truncation left out and add
                 it to the next round's mean, so no update is lost over rounds.
             weigh_by_local_steps: weigh clients by their reported local steps.
+            max_weight: the largest weight a client may report.
         """
-        super().__init__(expected_data_kind=DataKind.WEIGHTS, weigh_by_local_steps=weigh_by_local_steps)
+        super().__init__(
+            expected_data_kind=DataKind.WEIGHTS, weigh_by_local_steps=weigh_by_local_steps, max_weight=max_weight
+        )
         if not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         if upload not in UPLOADS:
@@ -55,11 +60,19 @@ class FRALoRAAggregator(CheckedAggregator):
     def update_problem(self, update: dict, fl_ctx: FLContext) -> str | None:
         if self.upload == "delta":
             return update_problem(update, self.expected_shapes(fl_ctx))
-        return check_lora_update(update, self.expected_shapes(fl_ctx), self.rank)
+        # The plain checks first: pairing LoRA keys by name needs string keys.
+        return update_problem(update, None) or check_lora_update(update, self.expected_shapes(fl_ctx), self.rank)
 
     def combine(self, updates: list[dict], weights: list[float], fl_ctx: FLContext) -> dict:
         aggregate = fra_lora_from_deltas if self.upload == "delta" else fra_lora_aggregate
-        result = aggregate(updates, weights, self.rank, residual=self.residual, residual_policy=self.residual_policy)
+        result = aggregate(
+            updates,
+            weights,
+            self.rank,
+            residual=self.residual,
+            residual_policy=self.residual_policy,
+            dtypes=self.output_dtypes(fl_ctx),
+        )
         self.residual = result.residual
         if result.retained_energy:
             energies = sorted(result.retained_energy.values())
