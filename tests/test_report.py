@@ -1,6 +1,8 @@
 import json
 
-from pharmafl.report import federated_final
+import pytest
+
+from pharmafl.report import SITE_METRICS_FILE, build_summary, federated_final, site_metrics
 
 
 def test_final_metrics_skip_the_initial_checkpoint(tmp_path):
@@ -11,3 +13,50 @@ def test_final_metrics_skip_the_initial_checkpoint(tmp_path):
     (tmp_path / "cross_site_val").mkdir()
     (tmp_path / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(results))
     assert federated_final(tmp_path) == {"site-1": {"auc_pr": 0.8}, "site-2": {"auc_pr": 0.7}}
+
+
+def _sim_workspace(root, per_task_at_sites: bool):
+    """A simulator workspace after the trunk-only filter: means at the server, per-task AUCs at each site."""
+    sites = {
+        "site-1": {"t1": {"auc_roc": 0.8, "auc_pr": 0.6}, "t2": {"auc_roc": 0.7, "auc_pr": 0.4}},
+        "site-2": {"t3": {"auc_roc": 0.9, "auc_pr": 0.7}},
+    }
+    results = {}
+    for site, per_task in sites.items():
+        means = {"auc_roc": 0.8, "auc_pr": 0.5, "tasks_evaluated": len(per_task), "validation": {"auc_pr": 0.5}}
+        results[site] = {"SRV_FL_global_model.pt": means}
+        if per_task_at_sites:
+            (root / site / "simulate_job").mkdir(parents=True)
+            (root / site / "simulate_job" / SITE_METRICS_FILE).write_text(json.dumps({**means, "per_task": per_task}))
+    (root / "server" / "simulate_job" / "cross_site_val").mkdir(parents=True)
+    (root / "server" / "simulate_job" / "cross_site_val" / "cross_val_results.json").write_text(json.dumps(results))
+    return root
+
+
+def _baseline(root):
+    single = {
+        "site-1": {"t1": {"auc_pr": 0.5}, "t2": {"auc_pr": 0.5}, "t9": {"auc_pr": 0.1}},
+        "site-2": {"t3": {"auc_pr": 0.4}},
+    }
+    sites = {site: {"auc_roc": 0.7, "auc_pr": 0.45, "per_task": per_task} for site, per_task in single.items()}
+    root.mkdir()
+    (root / "summary.json").write_text(json.dumps({"sites": sites}))
+    return root
+
+
+def test_per_task_deltas_come_from_the_site_folders(tmp_path):
+    workspace = _sim_workspace(tmp_path / "ws", per_task_at_sites=True)
+    summary = build_summary(workspace, _baseline(tmp_path / "sp"))
+    # site-1: (0.6 - 0.5 + 0.4 - 0.5) / 2 over the tasks both scored; site-2: 0.7 - 0.4
+    assert summary["sites"]["site-1"]["mean_per_task_delta_auc_pr"] == pytest.approx(0.0)
+    assert summary["sites"]["site-2"]["mean_per_task_delta_auc_pr"] == pytest.approx(0.3)
+    assert summary["sites"]["site-1"]["delta"]["auc_pr"] == pytest.approx(0.05)
+
+
+def test_a_downloaded_result_without_site_folders_reports_the_means(tmp_path):
+    workspace = _sim_workspace(tmp_path / "ws", per_task_at_sites=False)
+    summary = build_summary(workspace, _baseline(tmp_path / "sp"))
+    for entry in summary["sites"].values():
+        assert entry["mean_per_task_delta_auc_pr"] is None
+        assert entry["federated"] == {"auc_roc": 0.8, "auc_pr": 0.5} and entry["tasks_evaluated"] > 0
+    assert site_metrics(tmp_path / "ws" / "server" / "simulate_job", "site-1") is None

@@ -11,6 +11,9 @@ import numpy as np
 from pharmafl.errors import UserError
 
 CURVE_TAG = "test/auc_pr"
+# Written by each site (``TrunkOnlyFilter``) in its run folder: the full validation result, per-task AUCs included,
+# that never leaves the site.
+SITE_METRICS_FILE = "site_metrics.json"
 
 
 def find_server_run_dir(workspace: str | Path) -> Path:
@@ -35,6 +38,22 @@ def federated_final(run_dir: Path) -> dict[str, dict]:
         if trained:
             final[site] = by_model[trained[0]]
     return final
+
+
+def site_metrics(run_dir: Path, site: str) -> dict | None:
+    """A site's full validation result from its own run folder, when the workspace holds the site folders.
+
+    A simulator workspace does (``<workspace>/<site>/simulate_job/site_metrics.json``, beside
+    ``<workspace>/server/simulate_job``); a job result downloaded from a POC or production server does not.
+    """
+    path = run_dir.parent.parent / site / run_dir.name / SITE_METRICS_FILE
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from err
+    return metrics if isinstance(metrics, dict) else None
 
 
 def tensorboard_curves(run_dir: Path, tag: str = CURVE_TAG) -> dict[str, list[float]]:
@@ -65,10 +84,11 @@ def _pick(metrics: dict) -> dict:
 
 
 def _per_task_delta(federated: dict, single: dict) -> float | None:
-    tasks = sorted(set(federated.get("per_task", {})) & set(single.get("per_task", {})))
+    """Mean over the tasks both scored of federated minus single-partner AUC-PR (None: no per-task results)."""
+    tasks = sorted(set(federated) & set(single))
     if not tasks:
         return None
-    return float(np.mean([federated["per_task"][t]["auc_pr"] - single["per_task"][t]["auc_pr"] for t in tasks]))
+    return float(np.mean([federated[t]["auc_pr"] - single[t]["auc_pr"] for t in tasks]))
 
 
 def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None) -> dict:
@@ -93,7 +113,9 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
             entry["single_partner"] = _pick(single)
             entry["single_partner_curve_auc_pr"] = single.get("curve_auc_pr", [])
             entry["delta"] = {k: entry["federated"][k] - entry["single_partner"][k] for k in ("auc_roc", "auc_pr")}
-            entry["mean_per_task_delta_auc_pr"] = _per_task_delta(final[site], single)
+            # Per-task results stay at the site; a server-side result carries them only from older jobs.
+            federated_per_task = (site_metrics(run_dir, site) or final[site]).get("per_task", {})
+            entry["mean_per_task_delta_auc_pr"] = _per_task_delta(federated_per_task, single.get("per_task", {}))
         sites[site] = entry
     deltas = [entry["delta"]["auc_pr"] for entry in sites.values() if "delta" in entry]
     summary = {"run_dir": str(run_dir), "sites": sites}

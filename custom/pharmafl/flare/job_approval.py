@@ -1,7 +1,8 @@
-"""Site-side job approval: a site runs only the jobs (name + hash of the app files) its admins approved."""
+"""Site-side job approval: a site runs only the jobs (name, app files, meta.json) its admins approved."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -16,11 +17,14 @@ from nvflare.fuel.utils.zip_utils import unzip_all_from_bytes
 from nvflare.private.fed.utils.app_deployer import AppDeployer
 
 from pharmafl.consortium.approval import (
+    APPROVED_APP_FILE,
     APPROVED_JOBS_FILE,
     app_hash,
+    bytecode_file,
     is_approved,
     is_name_approved,
     load_approved,
+    meta_digest,
     refusal_message,
 )
 from pharmafl.errors import UserError
@@ -41,9 +45,10 @@ class JobApprovalGuard(FLComponent, AppDeployerSpec):
         Register it in the site's ``local/resources.json`` with the id ``app_deployer``. Two checks:
         at FLARE's authorization check of the deployment (``AUTHORIZE_COMMAND_CHECK`` for
         ``submit_job``) the job's name must be on the list; when the app arrives, the SHA-256 of its
-        files and the privacy scope its meta selects must match an entry of that name. A refusal names
-        the job and its hash and ends up in the job's deploy detail; the list is re-read at every job,
-        so admins edit it without restart.
+        files, the privacy scope its meta selects and the SHA-256 of that meta (without the keys FLARE
+        adds, ``meta_digest``) must match one entry of that name. An app carrying compiled bytecode is
+        refused whatever the list says. A refusal names the job and its hashes and ends up in the job's
+        deploy detail; the list is re-read at every job, so admins edit it without restart.
 
         Args:
             approved_jobs_file: the list's file name in the site's ``local/`` folder (or an absolute path).
@@ -81,17 +86,42 @@ class JobApprovalGuard(FLComponent, AppDeployerSpec):
     def deploy(
         self, workspace: Workspace, job_id: str, job_meta: dict, app_name: str, app_data: bytes, fl_ctx: FLContext
     ) -> str:
+        site = workspace.site_name
         name = job_meta.get(JobMetaKey.JOB_NAME.value, "")
-        scope = job_meta.get(JobMetaKey.SCOPE.value)
         with tempfile.TemporaryDirectory() as staging:
             unzip_all_from_bytes(app_data, staging)
+            compiled = bytecode_file(staging)
             sha256 = app_hash(staging)
+        if compiled:
+            reason = (
+                f"site {site} refuses job '{name}': its app carries compiled bytecode '{compiled}', "
+                "which a site admin cannot review"
+            )
+            self.log_error(fl_ctx, reason)
+            return reason
+        try:
+            meta_sha256 = meta_digest(job_meta)
+        except (TypeError, ValueError) as err:
+            reason = f"site {site} refuses job '{name}': its meta holds a value that is not JSON ({err})"
+            self.log_error(fl_ctx, reason)
+            return reason
+        candidate = {
+            "name": name,
+            "sha256": sha256,
+            "scope": job_meta.get(JobMetaKey.SCOPE.value),
+            "meta_sha256": meta_sha256,
+        }
         entries = self._entries(workspace)
-        if entries is None or not is_approved(entries, name, sha256, scope):
-            reason = refusal_message(workspace.site_name, name, sha256, scope)
+        if entries is None or not is_approved(entries, candidate):
+            reason = refusal_message(site, name, sha256, candidate["scope"], meta_sha256)
             self.log_error(fl_ctx, reason)
             return reason
         self.log_info(
-            fl_ctx, f"job '{name}' (sha256 {sha256}) is approved at {workspace.site_name}; deploying {job_id}"
+            fl_ctx,
+            f"job '{name}' (sha256 {sha256}, meta.json sha256 {meta_sha256}) is approved at {site}; deploying {job_id}",
         )
-        return AppDeployer().deploy(workspace, job_id, job_meta, app_name, app_data, fl_ctx)
+        failure = AppDeployer().deploy(workspace, job_id, job_meta, app_name, app_data, fl_ctx)
+        if not failure:  # what this site approved, for the job's own components (the secure sum's ledger)
+            with open(os.path.join(workspace.get_run_dir(job_id), APPROVED_APP_FILE), "w") as f:
+                json.dump(candidate, f)
+        return failure
