@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pharmafl.aggregation.secure_sum.encoding import choose_fixed_point
+from pharmafl.aggregation.secure_sum.ledger import LEDGER_FILE, SITE_LEDGER_FILE, read_ledger, verify_run
+from pharmafl.cli import main
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
-from pharmafl.flare.secure_sum_aggregator import MEANS_DIR, SECURE_SUM_LOG
-from pharmafl.flare.secure_sum_client import BLIND_MEAN, BLIND_MODEL, RECORD_DIR
 from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, repo_root
 from pharmafl.simulate import run_simulator
+from pharmafl.testing.secure_sum import BLIND_MEAN, BLIND_MODEL, MEANS_DIR, RECORD_DIR
 
 pytestmark = pytest.mark.slow
 JOB = repo_root() / "jobs" / "multitask_secure"
@@ -29,42 +30,62 @@ def five_sites(chembl_csv, tmp_path_factory):
     return out_dir
 
 
-def tiny_secure_job(out_dir):
+RECORDING_WORKFLOW = "pharmafl.testing.secure_sum.RecordingSecureSumWorkflow"
+RECORDING_SITE = "pharmafl.testing.secure_sum.FaultySecureSumSite"
+
+
+def record_plaintext(job, workflow=RECORDING_WORKFLOW, **workflow_args):
+    """The job copy's secure components swapped for the test recorders: the server's means, the sites' uploads."""
+    server = json.loads((job / SERVER_CONFIG).read_text())
+    workflow_config = find_component(server, "secure_sum")
+    workflow_config["path"] = workflow
+    workflow_config["args"].update(workflow_args)
+    (job / SERVER_CONFIG).write_text(json.dumps(server))
+    client = json.loads((job / CLIENT_CONFIG).read_text())
+    site = find_component(client, "secure_sum")
+    site["path"] = RECORDING_SITE
+    site["args"]["record_updates"] = True
+    (job / CLIENT_CONFIG).write_text(json.dumps(client))
+    return workflow_config["args"]["secure_sum"]
+
+
+def tiny_secure_job(out_dir, **workflow_args):
     """multitask_secure with a small trunk, recording the server's means and the sites' plaintext uploads."""
     job = out_dir / JOB.name
     shutil.copytree(JOB, job)
     server = json.loads((job / SERVER_CONFIG).read_text())
     find_component(server, "persistor")["args"]["model"]["args"].update(n_features=BITS, hidden_sizes=[32])
-    find_component(server, "aggregator")["args"]["record_means"] = True
     (job / SERVER_CONFIG).write_text(json.dumps(server))
-    client = json.loads((job / CLIENT_CONFIG).read_text())
-    find_component(client, "secure_sum")["args"]["record_updates"] = True
-    (job / CLIENT_CONFIG).write_text(json.dumps(client))
-    return job, find_component(server, "aggregator")["args"]
+    return job, record_plaintext(job, **workflow_args)
+
+
+def ledger_of(run_dir):
+    return read_ledger(run_dir / LEDGER_FILE)
 
 
 @pytest.fixture(scope="module")
 def faulty_run(five_sites, tmp_path_factory):
     """Round 0: site-2 drops after key setup, site-4 after its upload. Round 1: site-3's upload is tampered."""
     tmp = tmp_path_factory.mktemp("secure_sim")
-    job, aggregator_args = tiny_secure_job(tmp)
+    job, settings = tiny_secure_job(tmp)
     faults = {"site-2": "after-setup", "site-4": "after-upload", "site-3": "tampered@1"}
     result = run_simulator(job, five_sites, tmp / "workspace", rounds=2, quiet=True, faults=faults)
     run_dir = tmp / "workspace" / "server" / "simulate_job"
-    records = [json.loads(line) for line in (run_dir / SECURE_SUM_LOG).read_text().splitlines()]
-    return result, tmp / "workspace", run_dir, records, aggregator_args
+    return result, tmp / "workspace", run_dir, ledger_of(run_dir)[1:], settings
 
 
 def test_dropouts_after_setup_and_after_upload_give_the_survivors_exact_mean(faulty_run):
     _, workspace, run_dir, records, args = faulty_run
     first = records[0]
     assert first["status"] == "ok"
-    assert first["uploaded"] == ["site-1", "site-3", "site-4", "site-5"]
+    assert sorted(first["accepted"]) == ["site-1", "site-3", "site-4", "site-5"]
     assert first["dropped"] == ["site-2"]
-    assert first["survivors"] == ["site-1", "site-3", "site-5"]  # site-4 uploaded, then vanished
+    assert sorted(first["signatures"]) == first["revealed_by"] == ["site-1", "site-3", "site-5"]  # site-4 vanished
     assert first["model_before"] != first["model_after"]
     mean = np.load(run_dir / MEANS_DIR / "round_0.npz")
-    uploads = [np.load(workspace / site / "simulate_job" / RECORD_DIR / "round_0.npz") for site in first["uploaded"]]
+    uploads = [
+        np.load(workspace / site / "simulate_job" / RECORD_DIR / "round_0.npz") for site in sorted(first["accepted"])
+    ]
     weights = [float(u["__weight__"]) for u in uploads]
     assert first["total_weight"] == pytest.approx(sum(weights))
     fixed_point = choose_fixed_point(args["clip"], args["max_weight"], len(SITES), args["fraction_bits"], 32)
@@ -90,10 +111,56 @@ def test_tampered_upload_is_rejected_and_too_few_survivors_leave_the_model_uncha
     assert "secure sum round failed" in open(result["log"]).read()
 
 
+def test_the_ledger_verifies_on_the_server_and_every_site_and_names_an_edited_record(faulty_run, tmp_path):
+    _, workspace, run_dir, _, _ = faulty_run
+    sites = [workspace / site / "simulate_job" for site in SITES]
+    lines = verify_run(run_dir, sites)
+    assert len(lines) == 6 and all(line.startswith("OK") for line in lines), lines
+    for site in ("site-1", "site-3", "site-5"):  # the live sites checked the final ledger themselves
+        own = read_ledger(workspace / site / "simulate_job" / SITE_LEDGER_FILE)
+        assert own[-2]["kind"] == "checked" and own[-2]["ledger_head"] == ledger_of(run_dir)[-1]["hash"]
+    assert main(["ledger", "verify", str(run_dir), "--site", *map(str, sites)]) == 0
+    # a record edited by hand: round 0's total weight doubled
+    edited = tmp_path / "server"
+    shutil.copytree(run_dir, edited)
+    lines = (edited / LEDGER_FILE).read_text().splitlines()
+    record = json.loads(lines[1])
+    record["total_weight"] *= 2
+    lines[1] = json.dumps(record, sort_keys=True)
+    (edited / LEDGER_FILE).write_text("\n".join(lines) + "\n")
+    assert main(["ledger", "verify", str(edited)]) == 1
+    assert verify_run(edited)[0].endswith("record 2 (round 0) was altered: its content does not match its hash")
+
+
 def test_every_site_still_scores_the_final_model(faulty_run):
     _, workspace, _, _, _ = faulty_run
     results = json.loads((workspace / "server/simulate_job/cross_site_val/cross_val_results.json").read_text())
     assert set(results) == set(SITES)
+
+
+def test_a_server_that_tells_each_site_its_own_u_gets_no_share(five_sites, tmp_path):
+    # the real site code against a real malicious workflow: every site signs the U it is told (size t, built
+    # around site-1), then refuses to reveal anything, because no t sites signed the same U
+    attack = "pharmafl.testing.secure_sum.InconsistentUWorkflow"
+    job, _ = tiny_secure_job(tmp_path, workflow=attack, target="site-1", attacked_round=0)
+    result = run_simulator(job, five_sites, tmp_path / "ws", rounds=1, quiet=True)
+    run_dir = tmp_path / "ws" / "server" / "simulate_job"
+    (record,) = ledger_of(run_dir)[1:]
+    assert record["status"] == "failed" and record["reason"] == "attack round 0: 0 sites revealed shares"
+    assert record["model_before"] == record["model_after"]
+    log = open(result["log"]).read()
+    refusals = [line for line in log.splitlines() if "refused secagg_unmask" in line]
+    assert len(refusals) == 5 and all("valid signatures over U by its members" in line for line in refusals)
+    for site in SITES:
+        own = read_ledger(tmp_path / "ws" / site / "simulate_job" / SITE_LEDGER_FILE)
+        assert "signed" in [e["kind"] for e in own] and "revealed" not in [e["kind"] for e in own]
+    # the server's ledger is well formed, but every site's own chain shows the U it signed is not the server's: each
+    # site stops at the final ledger, and `ledger verify` names the lie afterwards
+    lines = verify_run(run_dir, [tmp_path / "ws" / site / "simulate_job" for site in SITES])
+    assert lines[0].startswith("OK")
+    for site, line in zip(SITES, lines[1:], strict=True):
+        assert line.startswith("BAD") and f"the server's U differs from the U {site} signed" in line
+    assert log.count("takes no further part in this job") == 5
 
 
 def test_esm_lora_secure_job_aggregates_masked_deltas(gpsite_small, tiny_esm_config, tmp_path):
@@ -103,9 +170,11 @@ def test_esm_lora_secure_job_aggregates_masked_deltas(gpsite_small, tiny_esm_con
     job = repo_root() / "jobs" / "esm2_lora_fra_secure"
     run_simulator(job, gpsite_small, tmp_path / "ws", rounds=2, executor_overrides=overrides, quiet=True)
     run_dir = tmp_path / "ws/server/simulate_job"
-    records = [json.loads(line) for line in (run_dir / SECURE_SUM_LOG).read_text().splitlines()]
+    records = ledger_of(run_dir)[1:]
     assert [r["status"] for r in records] == ["ok", "ok"]
-    assert all(r["uploaded"] == ["site-1", "site-2"] for r in records)
+    assert all(sorted(r["accepted"]) == ["site-1", "site-2"] for r in records)
+    sites = [tmp_path / "ws" / site / "simulate_job" for site in ("site-1", "site-2")]
+    assert all(line.startswith("OK") for line in verify_run(run_dir, sites))
     contributions = [json.loads(line) for line in (run_dir / CONTRIBUTIONS_LOG).read_text().splitlines()]
     assert len(contributions) == 4 and all(c["accepted"] and c["masked"] for c in contributions)
     assert all(key.endswith(".delta") or "classifier" in key for c in contributions for key in c["keys"])
@@ -124,12 +193,9 @@ def tiny_job(name, out_dir, initial_model):
     persistor = find_component(server, "persistor")
     persistor["args"]["model"]["args"].update(n_features=BITS, hidden_sizes=[32])
     persistor["args"]["source_ckpt_file_full_name"] = str(initial_model)
-    if "secure" in name:
-        find_component(server, "aggregator")["args"]["record_means"] = True
-        client = json.loads((job / CLIENT_CONFIG).read_text())
-        find_component(client, "secure_sum")["args"]["record_updates"] = True
-        (job / CLIENT_CONFIG).write_text(json.dumps(client))
     (job / SERVER_CONFIG).write_text(json.dumps(server))
+    if "secure" in name:
+        record_plaintext(job)
     return job
 
 
@@ -214,11 +280,12 @@ def test_server_blind_server_keeps_the_initial_model_and_only_group_masked_sums(
     workspace, run_dir, server_model, _ = runs["multitask_secure_blind"]
     for name, value in initial.items():  # the server never applied an aggregate
         assert torch.equal(server_model[name], value), name
-    records = [json.loads(line) for line in (run_dir / SECURE_SUM_LOG).read_text().splitlines()]
+    records = ledger_of(run_dir)[1:]
     assert [(r["status"], r["server_blind"], r["total_weight"]) for r in records] == [("ok", True, None)] * 2
-    assert records[0]["model_before"] == records[0]["model_after"] == records[1]["model_after"]
+    # server-blind, the ledger's model digests are those of the group-masked aggregates the server forwards
+    assert records[0]["model_before"] != records[0]["model_after"] != records[1]["model_after"]
     server_config = json.loads((repo_root() / "jobs/multitask_secure_blind" / SERVER_CONFIG).read_text())
-    args = find_component(server_config, "aggregator")["args"]
+    args = find_component(server_config, "secure_sum")["args"]["secure_sum"]
     fixed_point = choose_fixed_point(
         args["clip"], args["max_weight"], len(SITES), args["fraction_bits"], args["modulus_bits"]
     )

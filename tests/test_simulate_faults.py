@@ -18,10 +18,19 @@ def test_fault_specs_parse_and_bad_ones_are_refused():
 def test_faults_go_into_the_secure_sum_component_of_the_job_copy(tmp_path):
     job = write_job_copy(repo_root() / "jobs" / "multitask_secure", tmp_path)
     _inject_faults(job, ["site-1", "site-2"], {"site-2": "after-upload"}, 1)
-    args = find_component(json.loads((job / CLIENT_CONFIG).read_text()), "secure_sum")["args"]
-    assert args["faults"] == {"site-2": "after-upload"} and args["fault_round"] == 1
+    component = find_component(json.loads((job / CLIENT_CONFIG).read_text()), "secure_sum")
+    assert component["path"] == "pharmafl.testing.secure_sum.FaultySecureSumSite"
+    assert component["args"]["faults"] == {"site-2": "after-upload"} and component["args"]["fault_round"] == 1
     with pytest.raises(UserError, match="the sites are"):
         _inject_faults(job, ["site-1", "site-2"], {"site-9": "after-setup"}, 0)
     plain = write_job_copy(repo_root() / "jobs" / "multitask_fedavg", tmp_path)
     with pytest.raises(UserError, match="need a secure-sum job"):
         _inject_faults(plain, ["site-1"], {"site-1": "after-setup"}, 0)
+
+
+def test_shipped_jobs_carry_no_test_machinery():
+    for config in sorted((repo_root() / "jobs").glob("*/app/config/*.json")):
+        text = config.read_text()
+        assert "pharmafl.testing" not in text, config
+        for argument in ("faults", "fault_round", "record_updates", "record_means"):
+            assert f'"{argument}"' not in text, (config, argument)

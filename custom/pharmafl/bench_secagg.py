@@ -5,9 +5,11 @@
 What is timed, per (vector length m, clients n, graph):
 - ``client_mask_s``: one site encoding ``[w, w*x]``, adding its self mask and its pairwise masks, sharing its
   self-mask seed and signing the upload (sites mask in parallel, so one site's time is the round's);
-- ``server_s``: the server checking n signed uploads (SHA-256 of each), summing them, collecting the unmasking
-  shares, reconstructing the seeds and stripping the masks, and decoding the mean; with ``dropouts`` sites that
-  never upload, their pairwise masks are stripped too;
+- ``client_consistency_s``: one site's part of the consistency check: signing U, then verifying everyone's
+  signatures over it before it reveals its shares;
+- ``server_s``: the server checking n signed uploads (SHA-256 of each), summing them, checking the n consistency
+  signatures, collecting the unmasking shares, reconstructing the seeds and stripping the masks, and decoding the
+  mean; with ``dropouts`` sites that never upload, their pairwise masks are stripped too;
 - ``plain_sum_s``: numpy summing n float32 vectors and dividing, for reference.
 
 To keep memory at O(m) whatever n, the server's n uploads are n correctly signed copies of one masked vector:
@@ -33,16 +35,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from pharmafl.aggregation.secure_sum.config import SecureSumConfig
 from pharmafl.aggregation.secure_sum.encoding import decode_sum, encode_weighted
-from pharmafl.aggregation.secure_sum.keys import upload_signed_bytes
+from pharmafl.aggregation.secure_sum.keys import participants_digest, upload_signed_bytes
 from pharmafl.aggregation.secure_sum.prg import MaskStreamer
-from pharmafl.aggregation.secure_sum.protocol import (
-    MaskedUpload,
-    SecureSumClient,
-    SecureSumConfig,
-    SecureSumServer,
-    flatten_update,
-)
+from pharmafl.aggregation.secure_sum.protocol import MaskedUpload, SecureSumClient, SecureSumServer, flatten_update
 
 JOB = "bench-secagg"
 FULL_LENGTHS = (10**5, 10**6, 10**7, 10**8)
@@ -115,6 +112,7 @@ def secure_round(
     values = np.random.default_rng(0).uniform(-0.5, 0.5, length).astype(np.float32)
     update = {"x": values}
     best_client, best_server, best_encode = float("inf"), float("inf"), float("inf")
+    best_consistency = float("inf")
     for round_number in range(repeats):
         participants = server.start_round(round_number)
         uploaders = participants[dropouts:]
@@ -129,17 +127,34 @@ def secure_round(
         uploads = [masked] + [_copy_upload(members[site], masked, round_number, participants) for site in uploaders[1:]]
         start = time.perf_counter()
         for upload in uploads:
-            problem = server.receive_upload(upload)
+            problem = server.receive_upload(upload, sender=upload.site)
             if problem:
                 raise RuntimeError(problem)
+        uploaded = server.consistency_targets()
+        server_s = time.perf_counter() - start
+        signatures = {site: members[site].consistency(round_number, uploaded) for site in uploaded[1:]}
+        start = time.perf_counter()
+        signatures[uploaded[0]] = first.consistency(round_number, uploaded)
+        consistency_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for site, signature in signatures.items():
+            server.receive_signature(site, signature)
         requests = server.unmask_requests()
-        responses = {site: members[site].unmask(request) for site, request in requests.items()}
+        server_s += time.perf_counter() - start
+        responses = {}
+        for site, request in requests.items():
+            start = time.perf_counter()
+            responses[site] = members[site].unmask(request)  # verifies every signature, decrypts its shares
+            if site == uploaded[0]:
+                consistency_s += time.perf_counter() - start
+        start = time.perf_counter()
         result = server.finish(responses, decode=False)
         try:
             decode_sum(result.blind_sum, server.fixed_point)
         except ValueError:  # copies of one masked vector decode to nonsense; only the time matters here
             pass
-        best_server = min(best_server, time.perf_counter() - start)
+        best_server = min(best_server, server_s + time.perf_counter() - start)
+        best_consistency = min(best_consistency, consistency_s)
     degree = config.graph_degree(clients)
     return {
         "length": length,
@@ -150,8 +165,9 @@ def secure_round(
         "fraction_bits": server.fixed_point.fraction_bits,
         "client_mask_s": best_client,
         "client_encode_s": best_encode,
+        "client_consistency_s": best_consistency,
         "server_s": best_server,
-        "secure_s": best_client + best_server,
+        "secure_s": best_client + best_consistency + best_server,
         "upload_bytes": int(masked.vector.nbytes),
     }
 
@@ -161,7 +177,8 @@ def _copy_upload(member: SecureSumClient, masked: MaskedUpload, round_number: in
     own = member.mask({"x": np.zeros(1, np.float32)}, 1.0, round_number, participants)
     layout, _ = flatten_update({"x": np.zeros(masked.vector.size - 1, np.float32)})
     upload = MaskedUpload(member.site, round_number, layout, masked.vector, own.self_seed_shares)
-    upload.signature = member.keys.sign(upload_signed_bytes(JOB, round_number, member.site, upload.digest()))
+    signed = upload_signed_bytes(JOB, round_number, member.site, upload.digest(), participants_digest(participants))
+    upload.signature = member.keys.sign(signed)
     return upload
 
 
@@ -213,13 +230,17 @@ def ckks_round(length: int, clients: int) -> dict:
     }
 
 
-def job_overhead(data_dir: str | None, rounds: int = 3, workdir: str = "runs/bench") -> dict:
+def job_overhead(data_dir: str | None, rounds: int = 3, workdir: str = "runs/bench", repeats: int = 2) -> dict:
     """Simulator wall time of ``multitask_secure`` over ``multitask_fedavg`` on the same data and rounds.
+
+    The two jobs alternate ``repeats`` times (fedavg, secure, fedavg, secure, ...) so that a busy spell of the
+    machine weighs on both; ``ratio`` is total secure time over total fedavg time, ``ratios`` each pair's.
 
     Args:
         data_dir: prepared chem data (default: ChEMBL for 3 partners, prepared once under ``workdir``).
         rounds: rounds of both jobs.
         workdir: scratch folder for the data and the two workspaces.
+        repeats: pairs of runs.
     """
     from pathlib import Path
 
@@ -230,15 +251,17 @@ def job_overhead(data_dir: str | None, rounds: int = 3, workdir: str = "runs/ben
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else default_bench_data(work)
-    walls = {}
-    for name in ("multitask_fedavg", "multitask_secure"):
-        walls[name] = run_simulator(repo_root() / "jobs" / name, data, work / f"ws-{name}", rounds, quiet=True)[
-            "wall_s"
-        ]
+    walls: dict[str, list[float]] = {"multitask_fedavg": [], "multitask_secure": []}
+    for _ in range(repeats):
+        for name in walls:
+            result = run_simulator(repo_root() / "jobs" / name, data, work / f"ws-{name}", rounds, quiet=True)
+            walls[name].append(result["wall_s"])
+    fedavg, secure = walls["multitask_fedavg"], walls["multitask_secure"]
     return {
-        "fedavg_s": walls["multitask_fedavg"],
-        "secure_s": walls["multitask_secure"],
-        "ratio": walls["multitask_secure"] / walls["multitask_fedavg"],
+        "fedavg_s": fedavg,
+        "secure_s": secure,
+        "ratio": sum(secure) / sum(fedavg),
+        "ratios": [s / f for s, f in zip(secure, fedavg, strict=True)],
         "rounds": rounds,
         "data": str(data),
     }
@@ -332,7 +355,7 @@ def run_secagg_bench(
     overhead = None
     if overhead_rounds > 0:
         overhead = job_overhead(overhead_data, overhead_rounds, workdir)
-        say(f"multitask_secure {overhead['secure_s']:.1f} s vs multitask_fedavg {overhead['fedavg_s']:.1f} s")
+        say(f"multitask_secure {overhead['secure_s']} s vs multitask_fedavg {overhead['fedavg_s']} s")
     return {
         "prg_gb_per_s": prg["gb_per_s"],
         "prg": prg,

@@ -1,4 +1,4 @@
-"""The ``pharmafl`` command: prepare, simulate, baseline, report, bench, poc, submit, provision, approve."""
+"""The ``pharmafl`` command: prepare, simulate, baseline, report, bench, poc, submit, provision, approve, ledger."""
 
 from __future__ import annotations
 
@@ -280,6 +280,26 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from pharmafl.aggregation.secure_sum.ledger import verify_run
+
+    root_ca = b""
+    if args.root_ca:
+        try:
+            root_ca = Path(args.root_ca).read_bytes()
+        except OSError as err:
+            raise UserError(f"cannot read the root CA '{args.root_ca}': {err.strerror}.") from err
+    try:
+        lines = verify_run(args.server, args.site or [], root_ca)
+    except FileNotFoundError as err:
+        raise UserError(str(err)) from err
+    except ValueError as err:  # a line that is not JSON
+        print(f"BAD {err}")
+        return 1
+    print("\n".join(lines))
+    return 0 if all(line.startswith("OK") for line in lines) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pharmafl", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -451,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("job", help="job folder")
     approve.add_argument("--add", nargs="+", default=None, help="also add it to these approved_jobs.json files")
     approve.set_defaults(func=cmd_approve)
+
+    ledger = commands.add_parser("ledger", help="the secure sum's signed round ledger").add_subparsers(
+        dest="action", required=True
+    )
+    verify = ledger.add_parser("verify", help="check a run's ledger offline; names the first bad record (exit 1)")
+    verify.add_argument("server", help="the server's run folder (holding ledger.jsonl) or a folder above it")
+    verify.add_argument("--site", nargs="+", default=None, help="site run folders (site_ledger.jsonl) to cross-check")
+    verify.add_argument("--root-ca", default=None, help="consortium rootCA.pem: also verify every advertisement")
+    verify.set_defaults(func=cmd_ledger_verify)
     return parser
 
 

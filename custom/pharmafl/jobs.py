@@ -84,9 +84,12 @@ def write_job_copy(
             raise UserError(f"--rounds must be positive, got {num_rounds}")
         server["num_rounds"] = num_rounds
     if min_clients is not None:
-        server["min_clients"] = min_clients
+        threshold = secure_threshold(server, min_clients)
+        if threshold is None:
+            server["min_clients"] = min_clients
         meta = read_json(out / "meta.json")
-        meta["min_clients"] = min_clients
+        # a secure-sum job runs on as long as t sites live: FLARE must not abort it for fewer
+        meta["min_clients"] = min_clients if threshold is None else threshold
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if executor_overrides:
         executor = find_component(client, "executor")
@@ -97,6 +100,15 @@ def write_job_copy(
     (out / SERVER_CONFIG).write_text(json.dumps(server, indent=2) + "\n")
     (out / CLIENT_CONFIG).write_text(json.dumps(client, indent=2) + "\n")
     return out
+
+
+def secure_threshold(server: dict, sites: int) -> int | None:
+    """The secure-sum threshold t a job's server config gives for ``sites`` sites (None: not a secure-sum job)."""
+    for workflow in server.get("workflows", []):
+        if workflow.get("path", "").endswith(".SecureSumWorkflow"):
+            threshold = workflow.get("args", {}).get("secure_sum", {}).get("threshold", 0)
+            return threshold or sites // 2 + 1
+    return None
 
 
 def site_local_dir() -> Path:

@@ -12,16 +12,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from pharmafl.aggregation.secure_sum.config import POLICY_FILE, SitePolicy
 from pharmafl.errors import UserError
 from pharmafl.flare.site_executor import DATA_ENV
 from pharmafl.jobs import CLIENT_CONFIG, find_component, prepared_sites, read_json, site_local_dir, write_job_copy
+from pharmafl.testing.secure_sum import FAULT_PHASES
 
 # Lines of the simulator's output worth showing live; everything goes to <workspace>/simulate.log.
 PROGRESS = re.compile(
     r"Round \d+ (started|finished)|rejected contribution|aggregated \d+ contributions|"
-    r"ERROR|Traceback|test fold: mean|unmasked the sum|secure sum round failed"
+    r"ERROR|Traceback|test fold: mean|unmasked the sum|secure sum round failed|refused|ledger:"
 )
-FAULT_PHASES = ("after-setup", "after-upload", "tampered", "mis-sized")
+FAULTY_SITE = "pharmafl.testing.secure_sum.FaultySecureSumSite"
 
 
 def server_run_dir(workspace: str | Path) -> Path:
@@ -52,6 +54,7 @@ def run_simulator(
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True)
     shutil.copytree(site_local_dir(), workspace / "local")  # the simulator copies it into every site
+    SitePolicy(roster=tuple(sites)).write(workspace / "local" / POLICY_FILE)  # the consortium: the prepared sites
     # The simulator empties its workspace (all but local/): the adapted job and the log live outside.
     scratch = Path(tempfile.mkdtemp(prefix="pharmafl-sim-"))
     job = write_job_copy(job_dir, scratch, rounds, len(sites), executor_overrides)
@@ -113,7 +116,7 @@ def parse_fault(text: str) -> tuple[str, str]:
 
 
 def _inject_faults(job: Path, sites: list[str], faults: dict[str, str], fault_round: int) -> None:
-    """Set the test-only fault injection of the job copy's ``secure_sum`` component."""
+    """Swap the job copy's ``secure_sum`` component for the test-only ``FaultySecureSumSite`` with ``faults``."""
     unknown = sorted(set(faults) - set(sites))
     if unknown:
         raise UserError(f"cannot inject faults into {unknown}: the sites are {sites}")
@@ -122,5 +125,6 @@ def _inject_faults(job: Path, sites: list[str], faults: dict[str, str], fault_ro
         component = find_component(client, "secure_sum")
     except UserError as err:
         raise UserError(f"--drop/--tamper need a secure-sum job (with a 'secure_sum' component): {err}") from err
+    component["path"] = FAULTY_SITE
     component.setdefault("args", {}).update(faults=dict(faults), fault_round=fault_round)
     (job / CLIENT_CONFIG).write_text(json.dumps(client, indent=2) + "\n")

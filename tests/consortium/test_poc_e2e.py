@@ -1,10 +1,15 @@
 """End to end in FLARE POC mode: 3 sites on loopback with the consortium's policies, jobs submitted through the API."""
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from pharmafl.aggregation.secure_sum.ledger import LEDGER_FILE, read_ledger, verify_run
 from pharmafl.cli import main
 from pharmafl.consortium.approval import add_entries, job_entries
 from pharmafl.consortium.poc import flare_processes, poc_down, poc_status, poc_up, poc_workspace
@@ -12,6 +17,7 @@ from pharmafl.consortium.submit import submit_job
 from pharmafl.errors import UserError
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
 from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, read_json, repo_root, write_job_copy
+from pharmafl.testing.secure_sum import MEANS_DIR, RECORD_DIR
 
 from .conftest import SITES, free_port_pair
 
@@ -127,22 +133,84 @@ def test_trunk_only_scope_keeps_the_head_at_the_site(consortium, tmp_path):
         assert "TrunkOnlyFilter removed 2 non-trunk entries" in site_log
 
 
-def test_secure_sum_with_advertisements_signed_by_the_startup_kits(consortium, tmp_path):
-    # POC sites have startup kits: every site signs its key advertisement with its kit key and the
-    # server refuses any advertisement that does not verify against the consortium root CA.
-    job = write_job_copy(repo_root() / "jobs" / "multitask_secure", tmp_path, num_rounds=1, min_clients=3)
+def _names(pid: int, text: str) -> bool:
+    try:
+        return text in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_secure_sum_signed_survives_a_vanished_site_and_the_ledger_verifies(consortium, tmp_path):
+    # multitask_secure, 2 rounds, signatures required: every site signs its key advertisement with its startup-kit
+    # key and checks every peer against the consortium root CA and the roster and certificate pins poc up installed.
+    # pharma-c vanishes right after its round-0 upload: all its processes get SIGKILL (a host lost). FLARE does not
+    # abort the job (its min_clients is the threshold, 2); round 0 unmasks with the other two, round 1 runs without it.
+    job = write_job_copy(repo_root() / "jobs" / "multitask_secure", tmp_path, num_rounds=2, min_clients=3)
+    assert read_json(job / "meta.json")["min_clients"] == 2
     server = read_json(job / SERVER_CONFIG)
-    find_component(server, "aggregator")["args"]["require_signed"] = True
+    workflow = find_component(server, "secure_sum")
+    workflow["path"] = "pharmafl.testing.secure_sum.RecordingSecureSumWorkflow"
+    workflow["args"].update(require_signed=True, wait_time_after_min_received=5, task_timeout=120, train_timeout=300)
+    find_component(server, "persistor")["args"]["model"]["args"]["hidden_sizes"] = [32]
+    find_component(server, "global_model_eval")["args"]["validation_timeout"] = 60
     (job / SERVER_CONFIG).write_text(json.dumps(server, indent=2))
-    _approve(job, consortium["kits"], SITES)
-    result = submit_job(
-        job, wait=True, out_dir=tmp_path / "out", record_file=tmp_path / "r.jsonl", timeout_s=600, progress=None
+    client = read_json(job / CLIENT_CONFIG)
+    site_component = find_component(client, "secure_sum")
+    site_component["path"] = "pharmafl.testing.secure_sum.FaultySecureSumSite"
+    site_component["args"]["record_updates"] = True
+    (job / CLIENT_CONFIG).write_text(json.dumps(client, indent=2))
+    kits = consortium["kits"]
+    _approve(job, kits, SITES)
+    job_id = submit_job(job, record_file=tmp_path / "r.jsonl", progress=None)["job_id"]
+    server_dir = kits / "server" / job_id
+    _wait_for(
+        lambda: any(r["site"] == "pharma-c" and r["accepted"] for r in _records(server_dir / CONTRIBUTIONS_LOG)),
+        300,
+        "pharma-c's round-0 upload",
     )
-    assert result["status"] == "FINISHED:COMPLETED"
-    logs = " ".join(path.read_text() for path in Path(result["result_dir"]).rglob("log.txt"))
+    victims = [pid for pid in flare_processes(poc_workspace()) if _names(pid, "/pharma-c")]
+    assert victims
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    # the server's run ends when the final validation has heard from the live sites (FLARE then waits up to its
+    # client_outcome_wait_timeout, 900 s, for pharma-c's outcome before it marks the job finished)
+    _wait_for(lambda: (server_dir / "cross_site_val" / "cross_val_results.json").is_file(), 600, "the end of the run")
+    logs = (server_dir / "log.txt").read_text()
     assert "3 sites advertised keys, signed by startup kits" in logs
-    (record,) = [json.loads(line) for line in next(Path(result["result_dir"]).rglob("secure_sum.jsonl")).open()]
-    assert sorted(record["survivors"]) == SITES
+    setup, first, second = read_ledger(server_dir / LEDGER_FILE)
+    assert setup["config"]["threshold"] == 2 and setup["config"]["require_signed"] is True
+    assert all(advert["kit_signature"] for advert in setup["advertisements"])
+    assert first["status"] == second["status"] == "ok"
+    assert sorted(first["accepted"]) == SITES  # pharma-c's upload is in round 0's sum ...
+    assert set(first["revealed_by"]) >= {"pharma-a", "pharma-b"}
+    assert sorted(second["accepted"]) == ["pharma-a", "pharma-b"] and second["dropped"] == ["pharma-c"]  # ... not 1's
+    assert second["time"] - first["time"] < 300  # round 1 cost at most its timeout
+    for record in (first, second):  # each round's mean is the exact weighted mean of the uploads in its sum
+        sites = sorted(record["accepted"])
+        uploads = [np.load(kits / site / job_id / RECORD_DIR / f"round_{record['round']}.npz") for site in sites]
+        weights = [float(u["__weight__"]) for u in uploads]
+        mean = np.load(server_dir / MEANS_DIR / f"round_{record['round']}.npz")
+        assert record["total_weight"] == pytest.approx(sum(weights), abs=1e-3)
+        for name in mean.files:
+            exact = sum(w * u[name].astype(np.float64) for w, u in zip(weights, uploads, strict=True)) / sum(weights)
+            np.testing.assert_allclose(mean[name], exact, atol=1e-5)
+    root_ca = (kits / "server" / "startup" / "rootCA.pem").read_bytes()
+    lines = verify_run(server_dir, [kits / site / job_id for site in SITES], root_ca)
+    assert len(lines) == 4 and all(line.startswith("OK") for line in lines), lines
 
 
 def test_up_after_a_killed_run_and_down_twice(consortium, chembl_consortium):

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from pharmafl.aggregation.secure_sum.config import SitePolicy
 from pharmafl.consortium.poc import load_project, place_data, project_for_poc, site_names
 from pharmafl.consortium.policies import install_policies, merge_resources, site_policy_dir
 from pharmafl.errors import UserError
@@ -80,8 +81,16 @@ def test_install_policies_keeps_flare_defaults_and_adds_ours(tmp_path):
     server = read_json(tmp_path / "server" / "local" / "resources.json")
     assert "pharmafl." in server["class_allow_list"] and "nvflare.x" in server["class_allow_list"]
     assert [c["id"] for c in server["components"]] == ["resource_manager"]
-    written = install_policies(tmp_path / "site", is_site=True)
-    assert set(written) == {"resources.json", "authorization.json", "privacy.json", "approved_jobs.json"}
+    written = install_policies(tmp_path / "site", is_site=True, roster=["pharma-a", "pharma-b", "pharma-c"])
+    assert set(written) == {
+        "resources.json",
+        "authorization.json",
+        "privacy.json",
+        "approved_jobs.json",
+        "secure_sum.json",
+    }
+    policy = SitePolicy.load(tmp_path / "site" / "local" / "secure_sum.json")
+    assert policy.roster == ("pharma-a", "pharma-b", "pharma-c") and policy.threshold_floor([]) == 2
     site = read_json(tmp_path / "site" / "local" / "resources.json")
     assert [c["id"] for c in site["components"]] == ["resource_manager", "app_deployer"]
     with pytest.raises(UserError, match="startup kit"):

@@ -7,69 +7,24 @@ import pytest
 from scipy.stats import chi2
 
 from pharmafl.aggregation.secure_sum.encoding import decode_sum, encode_weighted
-from pharmafl.aggregation.secure_sum.keys import agree, upload_signed_bytes
+from pharmafl.aggregation.secure_sum.keys import agree, participants_digest, upload_signed_bytes
 from pharmafl.aggregation.secure_sum.protocol import (
     MaskedUpload,
     SecureSumClient,
     SecureSumConfig,
     SecureSumError,
-    SecureSumServer,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from secagg_kit import ca_pem, make_ca, make_site_kit  # noqa: E402
-
-JOB = "job-1"
-
-
-class Federation:
-    """n clients and a server through key setup; ``run_round`` plays one round with chosen dropouts."""
-
-    def __init__(self, n: int, config: SecureSumConfig, kits=None, root_ca=b""):
-        self.sites = [f"site-{i}" for i in range(1, n + 1)]
-        config = dataclasses.replace(config, rounds=max(config.rounds, 4))  # mask keys for rounds 0..3
-        self.config = config
-        self.clients = {
-            site: SecureSumClient(site, JOB, config, *(kits[site] if kits else (b"", b"")), root_ca_pem=root_ca)
-            for site in self.sites
-        }
-        self.server = SecureSumServer(JOB, config, root_ca_pem=root_ca)
-        adverts = self.server.register_advertisements([c.advertise() for c in self.clients.values()])
-        for site, client in self.clients.items():
-            self.server.register_key_shares(site, client.share_keys(adverts))
-
-    def masked_uploads(self, round_number, updates, weights, sites):
-        participants = self.server.start_round(round_number)
-        return participants, {
-            site: self.clients[site].mask(
-                updates[site],
-                weights[site],
-                round_number,
-                participants,
-                self.server.group_seed_ciphertexts.get(site, b""),
-            )
-            for site in sites
-        }
-
-    def run_round(self, round_number, updates, weights, upload=None, respond=None):
-        """upload: sites that upload (default: all participants); respond: uploaders that answer the unmasking."""
-        participants = self.server.participants()
-        upload = participants if upload is None else upload
-        _, uploads = self.masked_uploads(round_number, updates, weights, upload)
-        for masked in uploads.values():
-            assert self.server.receive_upload(masked) is None
-        requests = self.server.unmask_requests()
-        respond = list(requests) if respond is None else respond
-        return self.server.finish({site: self.clients[site].unmask(requests[site]) for site in respond})
-
-
-def plaintext_mean(updates, weights, sites):
-    total = sum(weights[s] for s in sites)
-    return {k: sum(weights[s] * updates[s][k].astype(np.float64) for s in sites) / total for k in updates[sites[0]]}
-
-
-def random_updates(rng, sites, shapes, scale=1.0):
-    return {s: {name: rng.uniform(-scale, scale, shape) for name, shape in shapes.items()} for s in sites}
+from secagg_kit import (  # noqa: E402
+    JOB,
+    Federation,
+    ca_pem,
+    make_ca,
+    make_site_kit,
+    plaintext_mean,
+    random_updates,
+)
 
 
 @pytest.mark.parametrize("neighbours", [None, 0])
@@ -184,30 +139,41 @@ def test_replayed_tampered_and_missized_uploads_are_rejected_and_count_as_dropou
     _, round0 = fed.masked_uploads(0, updates, weights, fed.sites)
     for masked in round0.values():
         assert fed.server.receive_upload(masked) is None
+    uploaded = fed.server.consistency_targets()
+    for site in uploaded:
+        fed.server.receive_signature(site, fed.clients[site].consistency(0, uploaded))
     requests = fed.server.unmask_requests()
     fed.server.finish({s: fed.clients[s].unmask(requests[s]) for s in fed.sites})
 
     _, round1 = fed.masked_uploads(1, updates, weights, ["site-1", "site-2", "site-3"])
+    participants = fed.server.participants()
     # a replay of site-4's round-0 upload, as is and with the round field rewritten
     assert "replayed or stale" in fed.server.receive_upload(round0["site-4"])
     relabelled = dataclasses.replace(round0["site-4"], round=1)
     assert "does not verify" in fed.server.receive_upload(relabelled)
     # site-5's round-1 upload altered in transit (one value changed, or cut short)
-    honest = fed.clients["site-5"].mask(updates["site-5"], 2.0, 1, fed.server.participants())
+    honest = fed.clients["site-5"].mask(updates["site-5"], 2.0, 1, participants)
     tampered = dataclasses.replace(honest, vector=honest.vector.copy())
     tampered.vector[3] += np.uint64(1)
     assert "does not verify" in fed.server.receive_upload(tampered)
     short = dataclasses.replace(honest, vector=honest.vector[:-1])
     assert "does not verify" in fed.server.receive_upload(short)
+    # an upload sent by one site in another's name
+    assert "sent by site-1" in fed.server.receive_upload(honest, sender="site-1")
     # a site that signs a mis-sized vector itself (a broken client) is rejected by size
-    bad = fed.clients["site-4"].mask({"x": np.zeros(63)}, 2.0, 1, fed.server.participants())
+    bad = fed.clients["site-4"].mask({"x": np.zeros(63)}, 2.0, 1, participants)
     assert "different layout" in fed.server.receive_upload(bad)
     bad_dtype = dataclasses.replace(honest, vector=honest.vector.astype(np.uint32))
-    bad_dtype.signature = fed.clients["site-5"].keys.sign(upload_signed_bytes(JOB, 1, "site-5", bad_dtype.digest()))
+    signed = upload_signed_bytes(JOB, 1, "site-5", bad_dtype.digest(), participants_digest(participants))
+    bad_dtype.signature = fed.clients["site-5"].keys.sign(signed)
     assert "expected uint64" in fed.server.receive_upload(bad_dtype)
     for site in ("site-1", "site-2", "site-3"):
         assert fed.server.receive_upload(round1[site]) is None
     assert "second upload" in fed.server.receive_upload(round1["site-1"])
+    uploaded = fed.server.consistency_targets()
+    assert uploaded == ["site-1", "site-2", "site-3"]
+    for site in uploaded:
+        fed.server.receive_signature(site, fed.clients[site].consistency(1, uploaded))
     requests = fed.server.unmask_requests()
     result = fed.server.finish({s: fed.clients[s].unmask(r) for s, r in requests.items()})
     assert result.dropped == ["site-4", "site-5"]
@@ -220,30 +186,9 @@ def test_missized_upload_against_the_expected_layout():
     participants = fed.server.start_round(0, expected_layout=[("x", (8,), "float64")])
     masked = fed.clients["site-1"].mask({"x": np.zeros(9)}, 1.0, 0, participants)
     assert "layout" in fed.server.receive_upload(masked)
-    masked = fed.clients["site-1"].mask({"x": np.zeros(8)}, 1.0, 0, participants)
+    masked = fed.clients["site-2"].mask({"x": np.zeros(8)}, 1.0, 0, participants)
     masked = MaskedUpload.from_dict(masked.to_dict())  # survives the wire format
     assert fed.server.receive_upload(masked) is None
-
-
-def test_a_site_never_reveals_both_shares_of_one_peer():
-    rng = np.random.default_rng(9)
-    fed = Federation(4, SecureSumConfig(threshold=2))
-    updates = random_updates(rng, fed.sites, {"x": (5,)})
-    _, uploads = fed.masked_uploads(0, updates, {s: 1.0 for s in fed.sites}, ["site-1", "site-2", "site-3"])
-    for masked in uploads.values():
-        fed.server.receive_upload(masked)
-    request = fed.server.unmask_requests()["site-1"]
-    fed.clients["site-1"].unmask(request)  # self-seed shares of site-1..3, key share of site-4
-    greedy = dataclasses.replace(request, uploaded=["site-1", "site-3"], dropped=["site-2", "site-4"])
-    greedy.key_ciphertexts = dict(
-        request.key_ciphertexts, **{"site-2": fed.server._key_ciphertexts[("site-2", "site-1")][0]}
-    )
-    greedy.self_seed_ciphertexts = {k: v for k, v in request.self_seed_ciphertexts.items() if k != "site-2"}
-    with pytest.raises(SecureSumError, match="refusing to reveal site-2's mask-key share"):
-        fed.clients["site-1"].unmask(greedy)
-    both = dataclasses.replace(request, dropped=["site-2", "site-4"])
-    with pytest.raises(SecureSumError, match="both"):
-        fed.clients["site-1"].unmask(both)
 
 
 def test_server_blind_mode_hides_the_aggregate_from_the_server():

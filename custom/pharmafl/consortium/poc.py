@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pharmafl.consortium.policies import default_project_file, install_policies
+from pharmafl.consortium.policies import default_project_file, install_policies, kit_certificate_pins
 from pharmafl.errors import UserError
 from pharmafl.flare.site_executor import DATA_ENV
 from pharmafl.jobs import prepared_sites
@@ -217,8 +217,9 @@ def poc_up(
     kits = prod_dir(workspace, project)
     for server in participants(project, "server"):
         install_policies(kits / server["name"], is_site=False)
+    pins = kit_certificate_pins(kits, sites)
     for site in sites:
-        install_policies(kits / site, is_site=True)
+        install_policies(kits / site, is_site=True, roster=sites, pins=pins)
     placed = {}
     if data_dir is not None:
         placed = place_data(data_dir, sites, workspace / "data")

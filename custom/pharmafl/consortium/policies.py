@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
+from pharmafl.aggregation.secure_sum.config import POLICY_FILE, SitePolicy
+from pharmafl.aggregation.secure_sum.keys import certificate_sha256
 from pharmafl.errors import UserError
 from pharmafl.jobs import repo_root, site_local_dir
 
@@ -58,16 +61,33 @@ def merge_resources(base: dict, *extras: dict) -> dict:
     return merged
 
 
-def install_policies(participant_dir: str | Path, is_site: bool) -> list[str]:
+def kit_certificate_pins(kits: str | Path, sites: Sequence[str]) -> dict[str, str]:
+    """``{site: SHA-256 of its startup-kit certificate}`` for the sites whose kit under ``kits`` has one."""
+    pins = {}
+    for site in sites:
+        path = Path(kits) / site / "startup" / "client.crt"
+        if path.is_file():
+            pins[site] = certificate_sha256(path.read_bytes())
+    return pins
+
+
+def install_policies(
+    participant_dir: str | Path, is_site: bool, roster: Sequence[str] = (), pins: dict[str, str] | None = None
+) -> list[str]:
     """Install the consortium policies into a participant's ``local/`` folder; returns the files written.
 
     The server gets the allow-list (``poc_workspace/local/resources.json``) and
     ``authorization.json``; a data site also gets ``privacy.json`` (the ``trunk-only`` scope),
-    ``approved_jobs.json`` and the job-approval component (``site_local/resources.json``).
+    ``approved_jobs.json``, the job-approval component (``site_local/resources.json``) and, with a
+    ``roster``, its secure-sum policy ``secure_sum.json`` (the consortium's sites; every other setting
+    at its default floor: a majority threshold, signed advertisements) with every peer's certificate
+    pinned (``pins``).
 
     Args:
         participant_dir: the participant's startup-kit folder (holding ``startup/`` and ``local/``).
         is_site: True for a client (data site), False for the server.
+        roster: the consortium's client sites (from project.yml).
+        pins: ``kit_certificate_pins`` of the consortium's kits.
     """
     local = Path(participant_dir) / "local"
     if not local.is_dir():
@@ -82,4 +102,7 @@ def install_policies(participant_dir: str | Path, is_site: bool) -> list[str]:
     for name in SITE_POLICY_FILES if is_site else COMMON_POLICY_FILES:
         shutil.copyfile(site_policy_dir() / name, local / name)
         written.append(name)
+    if is_site and roster:
+        SitePolicy(roster=tuple(roster), pinned_certificates=pins or None).write(local / POLICY_FILE)
+        written.append(POLICY_FILE)
     return written

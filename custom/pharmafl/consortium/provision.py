@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pharmafl.consortium.poc import load_project, participants
-from pharmafl.consortium.policies import default_project_file, install_policies
+from pharmafl.consortium.poc import load_project, participants, site_names
+from pharmafl.consortium.policies import default_project_file, install_policies, kit_certificate_pins
 from pharmafl.errors import UserError
 
 
@@ -43,8 +43,9 @@ def provision(project_file: str | Path | None, out_dir: str | Path) -> dict:
     installed = {}
     for server in participants(project, "server"):
         installed[server["name"]] = install_policies(prod / server["name"], is_site=False)
+    pins = kit_certificate_pins(prod, site_names(project))
     for site in participants(project, "client"):
-        installed[site["name"]] = install_policies(prod / site["name"], is_site=True)
+        installed[site["name"]] = install_policies(prod / site["name"], True, site_names(project), pins)
     return {
         "kits": str(prod),
         "installed": installed,

@@ -116,31 +116,40 @@ def submit_job(
             record["status"] = "SUBMITTED"
             append_record(record_file, record)
             return result
-        meta = _follow(session, job_id, timeout_s, say)
-        status = meta.get("status", "")
-        record["status"] = status
-        append_record(record_file, record)
-        result["status"] = status
-        result["meta"] = meta
-        if status != COMPLETED:
-            detail = meta.get("job_deploy_detail")
-            reason = f"; deploy detail: {'; '.join(map(str, detail))}" if detail else ""
-            raise UserError(f"job {job_id} ended {status}, not {COMPLETED}{reason}")
-        destination = Path(out_dir).resolve()
-        location = session.download_job_result(job_id, str(destination))
-        if not location or not Path(location).is_dir():
-            raise UserError(f"job {job_id} completed but its result could not be downloaded")
-        result["result_dir"] = location
-        say(f"downloaded the result to {location}")
-        if any(Path(location).rglob("cross_val_results.json")):
-            from pharmafl.report import write_report
-
-            _, table = write_report(location)
-            result["report_dir"] = str(Path(location) / "report")
-            say(table)
+        try:
+            _finish(session, job_id, out_dir, timeout_s, say, result)
+        finally:
+            record["status"] = result.get("status", "UNKNOWN")
+            append_record(record_file, record)
         return result
     finally:
         session.close()
+
+
+def _finish(
+    session, job_id: str, out_dir: str | Path, timeout_s: float, say: Callable[[str], None], result: dict
+) -> dict:
+    """Follow, check, download and report a job; fills ``result`` (status first, so a failure is recorded)."""
+    meta = _follow(session, job_id, timeout_s, say)
+    status = meta.get("status", "")
+    result.update(status=status, meta=meta)
+    if status != COMPLETED:
+        detail = meta.get("job_deploy_detail")
+        reason = f"; deploy detail: {'; '.join(map(str, detail))}" if detail else ""
+        raise UserError(f"job {job_id} ended {status}, not {COMPLETED}{reason}")
+    destination = Path(out_dir).resolve()
+    location = session.download_job_result(job_id, str(destination))
+    if not location or not Path(location).is_dir():
+        raise UserError(f"job {job_id} completed but its result could not be downloaded")
+    result["result_dir"] = location
+    say(f"downloaded the result to {location}")
+    if any(Path(location).rglob("cross_val_results.json")):
+        from pharmafl.report import write_report
+
+        _, table = write_report(location)
+        result["report_dir"] = str(Path(location) / "report")
+        say(table)
+    return result
 
 
 def _follow(session, job_id: str, timeout_s: float, say: Callable[[str], None]) -> dict:

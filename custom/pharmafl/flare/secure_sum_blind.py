@@ -1,7 +1,7 @@
 """Server-blind masked secure sum in FLARE (as MELLODDY): the server only ever holds group-masked aggregates.
 
-With ``MaskedSecureSumAggregator(server_blind=True)`` every upload also carries a group mask derived from a seed
-that the lowest-named site sent, encrypted, to each peer at key setup. Unmasking then leaves the sum of the
+With ``SecureSumWorkflow(secure_sum={"server_blind": true})`` every upload also carries a group mask derived from a
+seed that the lowest-named site sent, encrypted, to each peer at key setup. Unmasking then leaves the sum of the
 uploads under the group masks: the server cannot decode it, so the sites hold the model.
 
 - ``BlindShareableGenerator`` (server, in place of ``FullModelShareableGenerator``) keeps the opaque aggregate
@@ -9,9 +9,9 @@ uploads under the group masks: the server cannot decode it, so the sites hold th
   the initial model until a first aggregate exists, and then the latest aggregate with the round it builds on.
 - ``BlindModelLocator`` (server, for ``GlobalModelEval``) hands the same payload to the final ``validate`` task, so
   the sites score the model after the last round.
-- ``SecureBlindFilter`` (site, a task-data filter on ``train`` and ``validate``) lets ``SecureSumSite`` remove the
-  group masks, apply the weighted mean update to the site's copy of the global model and give the executor ordinary
-  global ``WEIGHTS``: the executors stay unchanged.
+- At the sites, ``SecureTaskDataFilter`` (``pharmafl.flare.secure_sum_site``) calls ``open_blind_payload``: the
+  group masks removed, the weighted mean update applied to the site's copy of the global model, ordinary global
+  ``WEIGHTS`` handed to the executor.
 
 A site that misses an aggregate (offline for a whole round) cannot rebuild the global model and says so; the
 server-blind mode is for linear aggregation only (FRA-LoRA is refused).
@@ -19,8 +19,10 @@ server-blind mode is for linear aggregation only (FRA-LoRA is refused).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.filter import Filter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
@@ -28,38 +30,92 @@ from nvflare.app_common.abstract.model_locator import ModelLocator
 from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.aggregation.secure_sum.protocol import SecureSumError
-from pharmafl.flare.secure_sum_aggregator import BLIND_META, MaskedSecureSumAggregator
-from pharmafl.flare.secure_sum_client import _site
+from pharmafl.aggregation.secure_sum.ledger import model_digest
+from pharmafl.aggregation.secure_sum.protocol import SecureSumClient, SecureSumError
+from pharmafl.flare.secure_sum_workflow import BLIND_META
 
 BLIND_MODEL_NAME = "server_blind_global_model"
 
 
+def payload_model_digest(payload: Mapping) -> str:
+    """The digest of the model a blind payload carries: the latest aggregate's blind sum, else the initial model."""
+    aggregate = payload.get("aggregate")
+    if aggregate:
+        return model_digest({"blind_sum": aggregate["blind_sum"]})
+    return model_digest(payload.get("initial") or {})
+
+
+def open_blind_payload(
+    client: SecureSumClient,
+    payload: Mapping,
+    global_model: dict[str, np.ndarray] | None,
+    global_round: int | None,
+    group_seed_ciphertext: bytes,
+) -> tuple[dict[str, np.ndarray], int, dict | None]:
+    """A site's global model brought up to date from a blind payload: (model, its round, what was applied or None).
+
+    The initial model replaces the site's copy; an aggregate newer than the copy is unblinded and applied (a failed
+    round re-sends the last one, which is then skipped). Raises SecureSumError when the site missed an aggregate.
+    """
+    initial = payload.get("initial")
+    if initial:
+        global_model, global_round = {name: np.array(value, copy=True) for name, value in initial.items()}, -1
+    if global_model is None:
+        raise SecureSumError("this site has no copy of the global model: it missed the initial model")
+    aggregate = payload.get("aggregate") or {}
+    if not aggregate or int(aggregate["round"]) == global_round:
+        return global_model, global_round, None
+    round_number, previous = int(aggregate["round"]), int(aggregate["previous"])
+    if previous != global_round:
+        raise SecureSumError(
+            f"the aggregate of round {round_number} builds on round {previous}, but this site's global model is at "
+            f"round {global_round}: it missed an aggregate and cannot rebuild the global model"
+        )
+    layout = [(str(n), tuple(int(x) for x in s), str(d)) for n, s, d in aggregate["layout"]]
+    uploaded = list(aggregate["uploaded"])
+    weight, mean = client.unblind(
+        np.asarray(aggregate["blind_sum"]), round_number, uploaded, layout, group_seed_ciphertext
+    )
+    wrong = sorted(name for name, value in mean.items() if np.shape(global_model.get(name)) != np.shape(value))
+    if wrong:
+        raise SecureSumError(f"the aggregate of round {round_number} does not fit the global model's {wrong}")
+    model = dict(global_model)
+    if aggregate.get("data_kind", DataKind.WEIGHT_DIFF) == DataKind.WEIGHTS:
+        model.update(mean)
+    else:
+        for name, value in mean.items():
+            model[name] = model[name] + value
+    return (
+        model,
+        round_number,
+        {"round": round_number, "uploaded": uploaded, "weight": weight, "mean": mean, "model": model},
+    )
+
+
 class BlindShareableGenerator(ShareableGenerator):
-    #: checked by ``SecureScatterAndGather`` against the aggregator's ``server_blind``
+    #: checked by ``SecureSumWorkflow`` against its ``server_blind`` setting
     server_blind = True
 
-    def __init__(self, aggregator_id: str = "aggregator"):
-        """Server-blind shareable generator: forwards group-masked aggregates, never applies them.
-
-        Args:
-            aggregator_id: the ``MaskedSecureSumAggregator`` (with ``server_blind`` true) whose key setup holds the
-                group-seed ciphertexts.
-        """
+    def __init__(self):
+        """Server-blind shareable generator: forwards group-masked aggregates, never applies them."""
         super().__init__()
-        self.aggregator_id = aggregator_id
+        self.group_seeds: dict[str, bytes] = {}  # set by the workflow after key setup
         self.latest: dict | None = None  # the latest round's blind aggregate, with the round it builds on
         self.model: ModelLearnable | None = None  # the server's model: the initial one, never changed
 
+    def set_group_seeds(self, ciphertexts: Mapping[str, bytes]) -> None:
+        """The group seed, encrypted to each site by the lowest-named one (opaque to the server)."""
+        self.group_seeds = dict(ciphertexts)
+
     def learnable_to_shareable(self, model: ModelLearnable, fl_ctx: FLContext) -> Shareable:
         self.model = model
-        return self.payload_dxo(fl_ctx).to_shareable()
+        return self.payload_dxo().to_shareable()
 
     def shareable_to_learnable(self, shareable: Shareable, fl_ctx: FLContext) -> ModelLearnable:
         """Keep the round's blind aggregate for the next task; the server's model stays as it was."""
         dxo = from_shareable(shareable)
         if dxo.get_meta_prop(BLIND_META) is None:
-            raise ValueError("BlindShareableGenerator got a plaintext aggregate: the aggregator is not server-blind")
+            raise ValueError("BlindShareableGenerator got a plaintext aggregate: the workflow is not server-blind")
         if dxo.data:  # an empty one: the round could not be unmasked, the global model is unchanged
             previous = self.latest["round"] if self.latest else -1
             self.latest = {**dxo.data, "previous": previous}
@@ -68,15 +124,11 @@ class BlindShareableGenerator(ShareableGenerator):
             self.model = model
         return self.model
 
-    def payload_dxo(self, fl_ctx: FLContext) -> DXO:
+    def payload_dxo(self) -> DXO:
         """What the sites need to rebuild the global model: group seeds, then the initial model or the aggregate."""
-        aggregator = fl_ctx.get_engine().get_component(self.aggregator_id)
-        if not isinstance(aggregator, MaskedSecureSumAggregator) or not aggregator.server_blind:
-            raise ValueError(
-                f"BlindShareableGenerator needs '{self.aggregator_id}' to be a MaskedSecureSumAggregator with "
-                "server_blind true"
-            )
-        payload = {"group_seeds": aggregator.group_seed_ciphertexts()}
+        if not self.group_seeds:
+            raise ValueError("BlindShareableGenerator has no group seeds: no server-blind key setup ran")
+        payload = {"group_seeds": dict(self.group_seeds)}
         if self.latest is None:
             if self.model is None:
                 raise ValueError("BlindShareableGenerator has no initial model to send")
@@ -84,6 +136,14 @@ class BlindShareableGenerator(ShareableGenerator):
         else:
             payload["aggregate"] = self.latest
         return DXO(data_kind=DataKind.COLLECTION, data=payload, meta={BLIND_META: True})
+
+    def model_digest(self, initial: ModelLearnable | None = None) -> str:
+        """Digest of the model the next task carries (the ledger's ``model_after``): the latest aggregate's, else
+        the initial model's (``initial`` until a first task was made)."""
+        if self.latest is not None:
+            return payload_model_digest({"aggregate": self.latest})
+        model = self.model if self.model is not None else initial
+        return model_digest(model[ModelLearnableKey.WEIGHTS] if model is not None else {})
 
 
 class BlindModelLocator(ModelLocator):
@@ -107,35 +167,4 @@ class BlindModelLocator(ModelLocator):
         generator = fl_ctx.get_engine().get_component(self.shareable_generator_id)
         if not isinstance(generator, BlindShareableGenerator):
             raise ValueError(f"component '{self.shareable_generator_id}' must be a BlindShareableGenerator")
-        return generator.payload_dxo(fl_ctx)
-
-
-class SecureBlindFilter(Filter):
-    def __init__(self, site_component_id: str = "secure_sum"):
-        """Site task-data filter (``train`` and ``validate``) for the server-blind mode.
-
-        Turns the server's blind payload into ordinary global ``WEIGHTS``: ``SecureSumSite`` unblinds the
-        aggregate and applies it to the site's copy of the global model. Other task data passes unchanged. When
-        the model cannot be rebuilt (no key setup, a missed aggregate) the task fails with the reason.
-
-        Args:
-            site_component_id: id of the ``SecureSumSite`` component.
-        """
-        super().__init__()
-        self.site_component_id = site_component_id
-
-    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        try:
-            dxo = from_shareable(shareable)
-        except ValueError:
-            return shareable
-        if dxo.get_meta_prop(BLIND_META) is None:
-            return shareable
-        site = _site(fl_ctx, self.site_component_id)
-        try:
-            weights = site.open_blind(dxo.data, fl_ctx)
-        except (SecureSumError, KeyError, ValueError) as err:
-            self.log_error(fl_ctx, f"server-blind: cannot rebuild the global model: {err}")
-            raise
-        DXO(data_kind=DataKind.WEIGHTS, data=weights).update_shareable(shareable)
-        return shareable
+        return generator.payload_dxo()

@@ -1,9 +1,11 @@
 """Fixed-point encoding of a weighted update ``[w, w*x]`` into integers modulo 2^32 or 2^64.
 
 Each client clips ``x`` to ``[-clip, clip]`` and ``w`` to ``(0, max_weight]``, scales by ``2^fraction_bits`` and
-rounds stochastically (unbiased: ``E[q] = v * 2^f``), so every encoded entry has magnitude at most
-``max_weight * clip * 2^f + 1``. The sum of ``n`` such entries must stay inside the signed range of the modulus,
-``n * (max_weight * clip * 2^f + 1) < 2^(bits - 1)``; a configuration that could break this is refused.
+rounds stochastically (unbiased: ``E[q] = v * 2^f``). The entries are ``w`` itself (at most ``max_weight``) and
+``w * x`` (at most ``max_weight * clip``), so every encoded entry has magnitude at most
+``B = ceil(max_weight * max(clip, 1) * 2^f)``, the rounding included. The sum of ``n`` entries must stay inside the
+signed range of the modulus, ``n * (B + 1) < 2^(bits - 1)``; a configuration that could break this is refused.
+NaN and Inf are refused before encoding: clipping cannot bound them.
 
 Decoding the sum of n uploads gives ``sum w`` and ``sum w x`` each within ``n * 2^-f`` of the exact values (each
 stochastic rounding moves an entry by less than one unit), so the weighted mean of in-range inputs is within
@@ -55,14 +57,15 @@ class FixedPoint:
             raise ValueError(f"max_clients must be a positive integer, got {self.max_clients}")
         if self.entry_bound >= FLOAT_EXACT:
             raise ValueError(
-                f"max_weight {self.max_weight} x clip {self.clip} x 2^{self.fraction_bits} is not below 2^52, so "
-                "float64 cannot round it to the unit; lower fraction_bits"
+                f"max_weight {self.max_weight} x max(clip {self.clip}, 1) x 2^{self.fraction_bits} is not below "
+                "2^52, so float64 cannot round it to the unit; lower fraction_bits"
             )
         worst = self.max_clients * (self.entry_bound + 1)
         if worst >= 2 ** (self.modulus_bits - 1):
             raise ValueError(
-                f"the secure sum could overflow: {self.max_clients} clients x (max_weight {self.max_weight} x clip "
-                f"{self.clip} x 2^{self.fraction_bits} + 1) = {worst:.4g} does not fit below 2^{self.modulus_bits - 1}"
+                f"the secure sum could overflow: {self.max_clients} clients x (max_weight {self.max_weight} x "
+                f"max(clip {self.clip}, 1) x 2^{self.fraction_bits} + 1) = {worst:.4g} does not fit below "
+                f"2^{self.modulus_bits - 1}"
                 f"; lower fraction_bits, clip or max_weight, or use a 64-bit modulus"
             )
 
@@ -76,8 +79,8 @@ class FixedPoint:
 
     @property
     def entry_bound(self) -> int:
-        """Largest magnitude of one encoded entry before rounding."""
-        return int(np.ceil(self.max_weight * self.clip * self.scale))
+        """Largest magnitude of one encoded entry, the weight ``w <= max_weight`` and ``w * x`` alike."""
+        return int(np.ceil(self.max_weight * max(self.clip, 1.0) * self.scale))
 
     def sum_error_bound(self, clients: int) -> float:
         """Largest difference between the decoded sum of ``clients`` uploads and the exact sum, per entry."""
@@ -132,7 +135,7 @@ def choose_fixed_point(
 def _widest_fraction(clip: float, max_weight: float, max_clients: int, bits: int, most: int = 40) -> int:
     """The most fraction bits (up to ``most``) that cannot overflow; 0 when even that overflows."""
     for frac in range(most, -1, -1):
-        bound = int(np.ceil(max_weight * clip * 2.0**frac))
+        bound = int(np.ceil(max_weight * max(clip, 1.0) * 2.0**frac))
         if bound < FLOAT_EXACT and max_clients * (bound + 1) < 2 ** (bits - 1):
             return frac
     return 0
@@ -146,17 +149,25 @@ def encode_weighted(
 ) -> np.ndarray:
     """``[w, w*x]`` clipped, scaled and stochastically rounded to a 1-D array of the modulus dtype.
 
+    Raises ValueError for a weight that is not a positive finite number and for values that are not finite real
+    numbers (NaN and Inf cannot be clipped into range).
+
     Args:
         arrays: the update: one float array or several, flattened and concatenated in order.
         weight: the client's weight, > 0 (clipped to ``max_weight``).
         fixed_point: the encoding.
         rng: source of the rounding noise (default: seeded from the OS).
     """
-    if not (np.isfinite(weight) and weight > 0):
+    if isinstance(weight, bool) or not (np.isfinite(weight) and weight > 0):
         raise ValueError(f"weight must be a positive finite number, got {weight}")
     if isinstance(arrays, np.ndarray):
         arrays = [arrays]
     flats = [np.asarray(array).reshape(-1) for array in arrays]
+    for index, flat in enumerate(flats):
+        if not (np.issubdtype(flat.dtype, np.floating) or np.issubdtype(flat.dtype, np.integer)):
+            raise ValueError(f"array {index} has dtype {flat.dtype}; only real numbers can be encoded")
+        if not np.all(np.isfinite(flat)):
+            raise ValueError(f"array {index} holds NaN or Inf: such an update cannot be encoded")
     rng = rng or np.random.default_rng(secrets.randbits(128))
     w = min(float(weight), fixed_point.max_weight)
     out = np.empty(1 + sum(flat.size for flat in flats), dtype=fixed_point.dtype)

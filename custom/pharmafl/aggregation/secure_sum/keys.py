@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -22,7 +23,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import NameOID
 
 _ADVERT_DOMAIN = b"pharmafl-secagg-advertisement-v1"
-_UPLOAD_DOMAIN = b"pharmafl-secagg-upload-v1"
+_UPLOAD_DOMAIN = b"pharmafl-secagg-upload-v2"
+_CONSISTENCY_DOMAIN = b"pharmafl-secagg-consistency-v1"
+_PARTICIPANTS_DOMAIN = b"pharmafl-secagg-participants-v1"
+# FLARE 2.9 marks a certificate's role in the subject's UNSTRUCTURED_NAME: `nvflare provision` sets it for admins only
+# (their role: project_admin, org_admin, lead, member), `nvflare cert` sets the kit type for every certificate
+# ("client", "server", or an admin role). A client site's certificate carries no role or "client".
+CLIENT_ROLES = ("", "client")
 _NONCE_BYTES = 12
 
 
@@ -239,13 +246,19 @@ def sign_advertisement(advert: Advertisement, kit_private_key_pem: bytes, kit_ce
 
 
 def advertisement_problem(
-    advert: Advertisement, root_ca_pem: bytes, now: datetime.datetime | None = None
+    advert: Advertisement,
+    root_ca_pem: bytes,
+    now: datetime.datetime | None = None,
+    roster: Sequence[str] | None = None,
 ) -> str | None:
     """Why a signed advertisement cannot be trusted (None if it can).
 
-    The certificate must be issued by the root CA, be valid now, name the advertising site as its common name, and
-    its key must have signed the advertised public keys.
+    The certificate must be issued by the root CA, be valid now, be a client site's certificate (not the CA's, not
+    the server's, not an admin's: see ``CLIENT_ROLES``), name the advertising site as its common name, and its key must
+    have signed the advertised public keys. With a ``roster`` the site must be on it.
     """
+    if roster is not None and advert.site not in roster:
+        return f"{advert.site!r} is not a member of this site's consortium roster {sorted(roster)}"
     if not advert.kit_signature or not advert.kit_certificate:
         return f"the advertisement of {advert.site} is not signed"
     try:
@@ -260,6 +273,9 @@ def advertisement_problem(
     now = now or datetime.datetime.now(datetime.timezone.utc)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         return f"the certificate of {advert.site} is not valid now"
+    kind = certificate_kind(cert)
+    if kind != "client":
+        return f"the advertisement of {advert.site} carries a {kind} certificate, not a client site's"
     names = [attr.value for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if advert.site not in names:
         return f"the certificate names {names}, not {advert.site}"
@@ -279,9 +295,48 @@ def advertisement_problem(
     return None
 
 
-def upload_signed_bytes(job_id: str, round_number: int, site: str, payload_digest: bytes) -> bytes:
-    """What an upload's Ed25519 signature covers: the job, round, site and SHA-256 of the payload."""
-    return _frame(_UPLOAD_DOMAIN, job_id, round_number, site, payload_digest)
+def certificate_kind(cert: x509.Certificate) -> str:
+    """``client``, ``server``, ``CA`` or the admin role a FLARE 2.9 certificate was issued for.
+
+    A CA certificate says so in BasicConstraints; the role is the subject's UNSTRUCTURED_NAME (``CLIENT_ROLES``).
+    ``nvflare provision`` marks only admins, so its server certificate reads as ``client`` here: its common name
+    (the server's host name) is what keeps it out, being on no site's roster.
+    """
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "CA"
+    except x509.ExtensionNotFound:
+        pass
+    roles = [str(attr.value) for attr in cert.subject.get_attributes_for_oid(NameOID.UNSTRUCTURED_NAME)]
+    role = roles[0] if roles else ""
+    if role == "server":
+        return "server"
+    return "client" if role in CLIENT_ROLES else f"{role} (admin)"
+
+
+def certificate_sha256(certificate_pem: bytes) -> str:
+    """SHA-256 (hex) of a PEM certificate's DER bytes: what a site policy pins."""
+    cert = x509.load_pem_x509_certificate(certificate_pem)
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def participants_digest(participants: Sequence[str]) -> bytes:
+    """SHA-256 of a round's participant list (sorted), bound into every upload and consistency signature."""
+    return hashlib.sha256(_frame(_PARTICIPANTS_DOMAIN, len(participants), *sorted(participants))).digest()
+
+
+def consistency_statement(job_id: str, round_number: int, uploaded: Sequence[str], participants: bytes) -> bytes:
+    """What a site signs in the consistency check: the job, the round, the set U of accepted uploads and the digest
+    of the round's participant list (Bonawitz et al. 2017, round 4)."""
+    return _frame(_CONSISTENCY_DOMAIN, job_id, round_number, len(uploaded), *sorted(uploaded), participants)
+
+
+def upload_signed_bytes(
+    job_id: str, round_number: int, site: str, payload_digest: bytes, participants: bytes = b""
+) -> bytes:
+    """What an upload's Ed25519 signature covers: the job, round, site, SHA-256 of the payload and the digest of the
+    participant list the site masked for."""
+    return _frame(_UPLOAD_DOMAIN, job_id, round_number, site, payload_digest, participants)
 
 
 def sha256(*parts: bytes) -> bytes:

@@ -1,21 +1,28 @@
-"""Dropout-robust masked secure sum (Bonawitz et al. 2017, semi-honest server), as two state machines.
+"""Dropout-robust masked secure sum against an actively malicious server (Bonawitz et al. 2017), as two state machines.
 
 Per job (key setup):
-  1. every site ``advertise``s its public keys (signed with its startup-kit key when it has one);
-  2. with everyone's advertisement, every site ``share_keys``: Shamir t-of-n shares of its mask private keys (one
-     X25519 key per round), each encrypted to its holder; the server only stores and forwards the ciphertexts.
+  1. the server announces the job's settings and sites; every site compares them with its own policy (roster,
+     threshold floor, signatures, server-blind, neighbour degree) and refuses weaker settings before it makes a key;
+     then it ``advertise``s its public keys, signed with its startup-kit key when it has one;
+  2. with everyone's advertisement, every site checks each one (roster member, client certificate under the root CA)
+     and ``share_keys``: Shamir t-of-n shares of its mask private keys (one X25519 key per round), each encrypted to
+     its holder; the server only stores and forwards the ciphertexts.
 
 Per round:
-  3. the server names the round's participants (sites whose mask key is still secret); each ``mask``s its
-     ``[w, w*x]`` encoding with its self mask (fresh seed, Shamir-shared with the upload) and its pairwise masks
-     (added towards higher-named peers, subtracted towards lower), signs (job, round, site, SHA-256 of the payload)
-     with its advertised Ed25519 key, and uploads;
-  4. the server checks and sums the uploads (a replayed, tampered or mis-sized upload is rejected: a dropout), then
-     asks the sites that uploaded for the shares it needs: self-seed shares of sites that uploaded, mask-key shares
-     of sites that did not. A site never reveals both for the same peer in a round;
-  5. with shares from at least t sites the server strips the self masks of the uploaders and the pairwise masks
-     between uploaders and dropped sites; what remains is the exact sum of the uploads. Only the dropped site's
-     mask key of that round is revealed, so it can rejoin later rounds, and its uploads of other rounds stay hidden.
+  3. the server names the round's participants P; each site ``mask``s its ``[w, w*x]`` encoding (finite values only)
+     with its self mask (fresh seed, Shamir-shared with the upload) and its pairwise masks, signs (job, round, site,
+     SHA-256 of the payload, digest of P) with its advertised Ed25519 key, and uploads; a site masks once per round;
+  4. the server checks and sums the uploads (a replayed, tampered or mis-sized upload is rejected: a dropout). The
+     set U of accepted uploads goes to every site in U (``consistency``): a site signs (job, round, U, digest of P)
+     once per round, only if it is in U, U is a subset of P and |U| >= t;
+  5. the server forwards the signatures; a site reveals its shares (``unmask``) only with at least t valid signatures
+     by members of U over the statement it signed itself: self-seed shares of the members of U, mask-key shares of
+     the participants outside U, never both for one peer, once per round, for the round it masked in only;
+  6. with shares from at least t sites the server strips the masks; what remains is the exact sum over U.
+
+Why the consistency check is enough: an honest site signs one U per round and reveals only for that U, so to get
+both secrets of one site the server needs two statements each signed by t sites; with c colluding sites that takes
+n + c >= 2t. Each site's policy sets t high enough (2t > n + c; with c = 0, a majority).
 
 The neighbour-graph option (SecAgg+) draws pairwise masks only along a k-regular graph; shares still go to every
 site, so any t of them can unmask. The server-blind option adds a group mask per uploader, from a seed that the
@@ -34,15 +41,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pharmafl.aggregation.secure_sum.encoding import FixedPoint, choose_fixed_point, decode_sum, encode_weighted
-from pharmafl.aggregation.secure_sum.graph import default_neighbours, mask_graph
+from pharmafl.aggregation.secure_sum.config import SecureSumConfig, SitePolicy
+from pharmafl.aggregation.secure_sum.encoding import FixedPoint, decode_sum, encode_weighted
+from pharmafl.aggregation.secure_sum.graph import mask_graph
 from pharmafl.aggregation.secure_sum.keys import (
     Advertisement,
     SiteKeys,
     advertisement_problem,
     agree,
+    certificate_sha256,
+    consistency_statement,
     group_mask_key,
     pair_mask_key,
+    participants_digest,
     seal,
     self_mask_key,
     share_cipher,
@@ -57,9 +68,9 @@ from pharmafl.aggregation.secure_sum.shamir import Share, reconstruct_secret, sp
 
 log = logging.getLogger(__name__)
 
-AGGREGATIONS = ("mean", "fra-lora")
 _SETUP_ROUND = -1  # the round number bound into setup-time ciphertexts
 KEY_SHARE, SELF_SEED, GROUP_SEED = "mask-key-share", "self-seed-share", "group-seed"
+FLOAT_DTYPES = ("float16", "float32", "float64")
 
 Layout = list[tuple[str, tuple[int, ...], str]]  # (name, shape, dtype) of each array, in upload order
 
@@ -68,60 +79,8 @@ class SecureSumError(RuntimeError):
     """The protocol cannot go on (fewer than t sites left, inconsistent shares); the round produces no aggregate."""
 
 
-@dataclass(frozen=True)
-class SecureSumConfig:
-    """Settings every party of a job must share.
-
-    Args:
-        threshold: t, the sites needed to unmask a round (Shamir threshold); at least 2 and more than half of the
-            sites is the usual choice.
-        clip: update values are clipped to ``[-clip, clip]``.
-        max_weight: client weights (local steps) are clipped to this.
-        fraction_bits: quantization ``2^-fraction_bits``; None: as many as the modulus allows (at most 40).
-        modulus_bits: 32 or 64; None: chosen (64 unless fraction_bits fits in 32).
-        neighbours: None for pairwise masks between all sites, 0 for the SecAgg+ default k = 2 ceil(log2 n), or k.
-        server_blind: add a group mask known to the sites only; the server sees just a masked aggregate.
-        aggregation: ``mean`` (linear) or ``fra-lora`` (the server factorises the mean: not server-blind).
-        require_signed: every advertisement must be signed by a startup-kit key under the root CA.
-        rounds: rounds the key setup makes mask keys for (rounds 0 .. rounds - 1).
-    """
-
-    threshold: int
-    clip: float = 8.0
-    max_weight: float = 1e4
-    fraction_bits: int | None = None
-    modulus_bits: int | None = None
-    neighbours: int | None = None
-    server_blind: bool = False
-    aggregation: str = "mean"
-    require_signed: bool = False
-    rounds: int = 1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.threshold, int) or self.threshold < 1:
-            raise ValueError(f"threshold must be a positive integer, got {self.threshold!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.server_blind and self.aggregation != "mean":
-            raise ValueError(
-                f"server-blind secure sum supports only linear aggregation (the mean), not {self.aggregation}: "
-                "the server must see the mean update to factorise it"
-            )
-        if not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}")
-        if self.neighbours is not None and self.neighbours < 0:
-            raise ValueError(f"neighbours must be None, 0 (automatic) or positive, got {self.neighbours}")
-
-    def fixed_point(self, max_clients: int) -> FixedPoint:
-        return choose_fixed_point(self.clip, self.max_weight, max_clients, self.fraction_bits, self.modulus_bits)
-
-    def graph_degree(self, sites: int) -> int | None:
-        if self.neighbours is None:
-            return None
-        return self.neighbours or default_neighbours(sites)
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
+class RefusedError(SecureSumError):
+    """A site refuses what the server asked: a policy floor, a replay, a request that would reveal too much."""
 
 
 @dataclass
@@ -171,20 +130,30 @@ class MaskedUpload:
 
 @dataclass
 class UnmaskRequest:
-    """The server's question to one site after gathering: which shares to reveal, as the ciphertexts it holds."""
+    """The server's question to one site after the consistency check: U, everyone's signatures over it, and the
+    ciphertexts of the shares to reveal (self seeds of U's members, mask keys of participants outside U)."""
 
     round: int
     uploaded: list[str]
-    dropped: list[str]
-    self_seed_ciphertexts: dict[str, bytes]  # owner (uploaded) -> ciphertext addressed to this site
-    key_ciphertexts: dict[str, bytes]  # owner (dropped) -> ciphertext addressed to this site
+    signatures: dict[str, bytes]  # signer -> Ed25519 signature over the consistency statement
+    self_seed_ciphertexts: dict[str, bytes]  # owner (in U) -> ciphertext addressed to this site
+    key_ciphertexts: dict[str, bytes]  # owner (participant outside U) -> ciphertext addressed to this site
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, data: Mapping) -> UnmaskRequest:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        try:
+            return cls(
+                round=int(data["round"]),
+                uploaded=[str(site) for site in data["uploaded"]],
+                signatures={str(k): bytes(v) for k, v in dict(data["signatures"]).items()},
+                self_seed_ciphertexts={str(k): bytes(v) for k, v in dict(data["self_seed_ciphertexts"]).items()},
+                key_ciphertexts={str(k): bytes(v) for k, v in dict(data["key_ciphertexts"]).items()},
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"malformed unmasking request: {err}") from err
 
 
 @dataclass
@@ -192,22 +161,30 @@ class SecureSumResult:
     """A round's outcome at the server.
 
     Args:
-        uploaded: sites whose uploads are in the sum.
+        uploaded: U, the sites whose uploads are in the sum.
         dropped: participants whose uploads are not (never came or were rejected).
+        signers: sites that signed U in the consistency check.
         survivors: sites whose shares unmasked the round.
         total_weight: sum of the uploaders' (clipped) weights; None when server-blind.
         mean: the weighted mean, per array name; None when server-blind.
         blind_sum: the aggregate still under the group masks (server-blind only).
+        upload_digests: SHA-256 (hex) of each accepted upload.
+        signatures: each signer's signature (hex) over the consistency statement.
+        statement_sha256: SHA-256 (hex) of the consistency statement.
     """
 
     round: int
     uploaded: list[str]
     dropped: list[str]
+    signers: list[str]
     survivors: list[str]
     total_weight: float | None = None
     mean: dict[str, np.ndarray] | None = None
     blind_sum: np.ndarray | None = None
     layout: Layout = field(default_factory=list)
+    upload_digests: dict[str, str] = field(default_factory=dict)
+    signatures: dict[str, str] = field(default_factory=dict)
+    statement_sha256: str = ""
 
 
 def flatten_update(update: Mapping[str, np.ndarray]) -> tuple[Layout, list[np.ndarray]]:
@@ -230,45 +207,101 @@ def layout_size(layout: Layout) -> int:
     return sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in layout)
 
 
+def update_values_problem(update: Mapping[str, object]) -> str | None:
+    """Why an update cannot be masked: not float16/32/64 arrays, or NaN/Inf (clipping cannot bound them)."""
+    if not isinstance(update, Mapping) or not update:
+        return "the update is empty or not a dict of arrays"
+    for name in sorted(update):
+        value = update[name]
+        if not isinstance(value, np.ndarray) or value.dtype.name not in FLOAT_DTYPES:
+            kind = value.dtype.name if isinstance(value, np.ndarray) else type(value).__name__
+            return f"'{name}' is {kind}, not a float16/32/64 array"
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        if bad:
+            return f"'{name}' holds {bad} NaN or Inf value(s)"
+    return None
+
+
 def _sign_towards(site: str, peer: str) -> int:
     return 1 if site < peer else -1
 
 
-def _check_advertisements(
-    adverts: Sequence[Advertisement], job_id: str, config: SecureSumConfig, root_ca_pem: bytes
+def _statement(job_id: str, round_number: int, uploaded: Sequence[str], participants: Sequence[str]) -> bytes:
+    return consistency_statement(job_id, round_number, sorted(uploaded), participants_digest(participants))
+
+
+def check_advertisements(
+    adverts: Sequence[Advertisement],
+    job_id: str,
+    config: SecureSumConfig,
+    root_ca_pem: bytes,
+    require_signed: bool,
+    members: Sequence[str] | None = None,
+    pins: Mapping[str, str] | None = None,
 ) -> dict[str, Advertisement]:
+    """The advertisements by site, each checked: one per site, this job, one mask key per round, a member of the
+    consortium (``members``), signed by a client certificate under the root CA when one is given (required when
+    ``require_signed``), carrying the pinned certificate where ``pins`` names one, and at least t of them. Raises
+    RefusedError naming the first problem."""
+    if require_signed and not root_ca_pem:
+        raise RefusedError("signed advertisements are required but no root CA certificate was given")
     by_site: dict[str, Advertisement] = {}
     for advert in adverts:
         if advert.site in by_site:
-            raise SecureSumError(f"two advertisements for {advert.site}")
+            raise RefusedError(f"two advertisements for {advert.site}")
         if advert.job_id != job_id:
-            raise SecureSumError(f"the advertisement of {advert.site} is for job {advert.job_id}, not {job_id}")
+            raise RefusedError(f"the advertisement of {advert.site} is for job {advert.job_id}, not {job_id}")
         if len(advert.mask_publics) != config.rounds:
-            raise SecureSumError(
+            raise RefusedError(
                 f"{advert.site} advertised mask keys for {len(advert.mask_publics)} rounds, the job has {config.rounds}"
             )
+        if members is not None and advert.site not in members:
+            raise RefusedError(f"an advertisement for {advert.site!r}, who is not a member {sorted(members)}")
         if root_ca_pem:
-            problem = advertisement_problem(advert, root_ca_pem)
+            problem = advertisement_problem(advert, root_ca_pem, roster=members)
             if problem:
-                raise SecureSumError(problem)
-        elif config.require_signed:
-            raise SecureSumError("signed advertisements are required but no root CA certificate was given")
+                raise RefusedError(problem)
+        if pins and advert.site in pins:
+            pinned = pins[advert.site]
+            actual = certificate_sha256(advert.kit_certificate) if advert.kit_certificate else "none"
+            if actual != pinned:
+                raise RefusedError(
+                    f"the advertisement of {advert.site} carries certificate {actual[:16]}, not the one this site "
+                    f"pinned ({pinned[:16]})"
+                )
         by_site[advert.site] = advert
     if len(by_site) < config.threshold:
-        raise SecureSumError(f"{len(by_site)} sites advertised keys; the threshold needs at least {config.threshold}")
+        raise RefusedError(f"{len(by_site)} sites advertised keys; the threshold needs at least {config.threshold}")
     return by_site
+
+
+@dataclass
+class _MaskedRound:
+    """What a site did in the round it masked: the participants, its upload, the U it signed, what it revealed."""
+
+    participants: list[str]
+    upload_digest: bytes
+    uploaded: list[str] | None = None  # the U this site signed
+    signature: bytes = b""
+    revealed: bool = False
 
 
 class SecureSumClient:
     """One site's side of the protocol for one job.
 
+    Construction checks the server's ``config`` and the ``announced`` sites against the site's ``policy`` and
+    raises RefusedError before any key exists when they fall short of it.
+
     Args:
         site: this site's name.
         job_id: the job (bound into every key derivation and signature).
-        config: the job's settings.
+        config: the job's settings, as the server sent them.
         kit_private_key_pem, kit_certificate_pem: the site's startup-kit key and certificate, to sign the
             advertisement (empty: unsigned).
         root_ca_pem: the consortium root CA; when given every peer's advertisement must verify against it.
+        policy: this site's own floor (default: no roster, a majority threshold, signatures when a kit is given).
+        announced: the sites the server names for the job (default: this site only; the roster check then applies
+            to the advertisements alone).
     """
 
     def __init__(
@@ -279,8 +312,20 @@ class SecureSumClient:
         kit_private_key_pem: bytes = b"",
         kit_certificate_pem: bytes = b"",
         root_ca_pem: bytes = b"",
+        policy: SitePolicy | None = None,
+        announced: Sequence[str] | None = None,
     ):
         self.site, self.job_id, self.config = site, job_id, config
+        self.policy = policy or SitePolicy()
+        self.announced = sorted(set(announced)) if announced is not None else None
+        problem = self.policy.config_problem(config, self.announced or [site])
+        if problem:
+            raise RefusedError(f"{site} refuses the secure-sum settings: {problem}")
+        self.require_signed = self.policy.signatures_required(bool(kit_private_key_pem))
+        if self.require_signed and not (kit_private_key_pem and kit_certificate_pem and root_ca_pem):
+            raise RefusedError(
+                f"{site} requires signed advertisements but lacks its startup-kit key, certificate or root CA"
+            )
         self.kit_private_key_pem, self.kit_certificate_pem = kit_private_key_pem, kit_certificate_pem
         self.root_ca_pem = root_ca_pem
         self.keys = SiteKeys.generate(config.rounds)
@@ -289,8 +334,16 @@ class SecureSumClient:
         self.index: dict[str, int] = {}
         self.authenticated = False
         self._group_seed: bytes | None = None
-        self._revealed: dict[int, dict[str, str]] = {}  # round -> owner -> what was revealed
+        self._rounds: dict[int, _MaskedRound] = {}
+        self._last_masked = -1
         self._streamer = MaskStreamer()
+
+    @property
+    def members(self) -> list[str] | None:
+        """The consortium as this site knows it (its roster, else the announced sites); None when neither."""
+        if self.policy.roster is not None:
+            return list(self.policy.roster)
+        return self.announced
 
     def advertise(self) -> Advertisement:
         advert = Advertisement(
@@ -303,14 +356,27 @@ class SecureSumClient:
     def share_keys(self, adverts: Sequence[Advertisement]) -> dict[str, dict[str, bytes]]:
         """Check every advertisement; returns {recipient: {kind: ciphertext(s)}}: the recipient's shares of this
         site's mask key of each round (a list, by round) and, server-blind, the group seed."""
-        self.peers = _check_advertisements(adverts, self.job_id, self.config, self.root_ca_pem)
+        members = self.members
+        self.peers = check_advertisements(
+            adverts,
+            self.job_id,
+            self.config,
+            self.root_ca_pem,
+            self.require_signed,
+            members,
+            self.policy.pinned_certificates,
+        )
+        if self.announced is not None:
+            unannounced = sorted(set(self.peers) - set(self.announced))
+            if unannounced:
+                raise RefusedError(f"advertisements for sites the server did not announce at setup: {unannounced}")
         own = self.peers.get(self.site)
         if own is None or (list(own.mask_publics), own.share_public, own.signing_public) != (
             self.keys.mask_publics,
             self.keys.share_public,
             self.keys.signing_public,
         ):
-            raise SecureSumError(f"the advertisement list does not carry {self.site}'s own keys unchanged")
+            raise RefusedError(f"the advertisement list does not carry {self.site}'s own keys unchanged")
         self.authenticated = bool(self.root_ca_pem)
         if not self.authenticated:
             log.warning("secure sum %s: advertisements are not authenticated (no startup kit / root CA)", self.site)
@@ -341,26 +407,40 @@ class SecureSumClient:
         participants: Sequence[str],
         group_seed_ciphertext: bytes = b"",
     ) -> MaskedUpload:
-        """The signed masked upload of ``[w, w*update]`` for ``round_number``.
+        """The signed masked upload of ``[w, w*update]`` for ``round_number``; at most one per round.
 
         Args:
-            update: arrays by name (any float dtype and shapes).
+            update: float16/32/64 arrays by name, every value finite.
             weight: this site's weight (e.g. local steps).
-            round_number: the current round.
+            round_number: the current round, later than any this site masked in before.
             participants: the sites the server names for this round (this one included).
             group_seed_ciphertext: server-blind only: the group seed addressed to this site.
         """
+        if not self.peers:
+            raise SecureSumError(f"{self.site} has no key setup to mask with")
+        if not isinstance(round_number, int) or isinstance(round_number, bool):
+            raise RefusedError(f"refusing to mask: the round number {round_number!r} is not an integer")
+        if round_number <= self._last_masked:
+            raise RefusedError(
+                f"refusing to mask for round {round_number}: {self.site} already masked for round "
+                f"{self._last_masked}; it masks at most once per round, rounds only increase"
+            )
         participants = sorted(set(participants))
         unknown = sorted(set(participants) - set(self.peers))
         if self.site not in participants or unknown:
-            raise SecureSumError(f"bad participant list for {self.site}: {participants} (unknown: {unknown})")
+            raise RefusedError(f"bad participant list for {self.site}: {participants} (unknown: {unknown})")
         if len(participants) < self.config.threshold:
-            raise SecureSumError(
+            raise RefusedError(
                 f"only {len(participants)} participants in round {round_number}; the threshold is "
                 f"{self.config.threshold}"
             )
         if not 0 <= round_number < self.config.rounds:
-            raise SecureSumError(f"no mask key for round {round_number}: key setup made {self.config.rounds} rounds")
+            raise RefusedError(f"no mask key for round {round_number}: key setup made {self.config.rounds} rounds")
+        problem = update_values_problem(update)
+        if problem:
+            raise RefusedError(f"refusing to mask the update of round {round_number}: {problem}")
+        if isinstance(weight, bool) or not (np.isfinite(weight) and weight > 0):
+            raise RefusedError(f"refusing to mask the update of round {round_number}: weight {weight!r}")
         layout, arrays = flatten_update(update)
         vector = encode_weighted(arrays, weight, self.fixed_point)
         seed = os.urandom(32)
@@ -382,31 +462,74 @@ class SecureSumClient:
             for recipient in participants
         }
         upload = MaskedUpload(self.site, round_number, layout, vector, encrypted)
-        upload.signature = self.keys.sign(upload_signed_bytes(self.job_id, round_number, self.site, upload.digest()))
+        digest = upload.digest()  # one SHA-256 pass over the vector: the largest cost after masking
+        upload.signature = self.keys.sign(
+            upload_signed_bytes(self.job_id, round_number, self.site, digest, participants_digest(participants))
+        )
+        self._rounds[round_number] = _MaskedRound(participants, digest)
+        self._last_masked = round_number
         return upload
 
+    def masked_round(self, round_number: int) -> _MaskedRound | None:
+        return self._rounds.get(round_number)
+
+    def consistency(self, round_number: int, uploaded: Sequence[str]) -> bytes:
+        """Sign U for the round this site masked in (Bonawitz's round 4); at most one U per round."""
+        state = self._current(round_number, "sign U")
+        uploaded = sorted(uploaded)
+        problem = self._uploaded_problem(state, uploaded)
+        if problem:
+            raise RefusedError(f"{self.site} refuses to sign U for round {round_number}: {problem}")
+        if state.uploaded is not None:
+            if state.uploaded != uploaded:
+                raise RefusedError(
+                    f"{self.site} refuses to sign U for round {round_number}: it already signed {state.uploaded}, "
+                    f"now asked for {uploaded}"
+                )
+            return state.signature
+        state.uploaded = uploaded
+        state.signature = self.keys.sign(_statement(self.job_id, round_number, uploaded, state.participants))
+        return state.signature
+
     def unmask(self, request: UnmaskRequest) -> dict[str, dict[str, bytes]]:
-        """This site's shares for the server: self-seed shares of uploaders, mask-key shares of dropped sites."""
-        uploaded, dropped = set(request.uploaded), set(request.dropped)
-        if uploaded & dropped:
-            raise SecureSumError(
-                f"refusing to unmask round {request.round}: {sorted(uploaded & dropped)} listed as both "
-                "uploaded and dropped"
+        """This site's shares for the server: self-seed shares of U's members, mask-key shares of participants
+        outside U; only with t valid signatures over the U this site signed, once per round."""
+        state = self._current(request.round, "reveal shares")
+        refuse = f"{self.site} refuses to reveal its shares for round {request.round}"
+        uploaded = sorted(request.uploaded)
+        if state.uploaded is None:
+            raise RefusedError(f"{refuse}: it has not signed U for this round")
+        if uploaded != state.uploaded:
+            raise RefusedError(f"{refuse}: the request's U {uploaded} is not the U {state.uploaded} it signed")
+        if state.revealed:
+            raise RefusedError(f"{refuse}: it already revealed its shares for this round")
+        statement = _statement(self.job_id, request.round, uploaded, state.participants)
+        valid = sorted(
+            signer
+            for signer, signature in request.signatures.items()
+            if signer in uploaded
+            and signer in self.peers
+            and verify_ed25519(self.peers[signer].signing_public, signature, statement)
+        )
+        if len(valid) < self.config.threshold:
+            raise RefusedError(
+                f"{refuse}: only {len(valid)} valid signatures over U by its members ({valid}), the threshold is "
+                f"{self.config.threshold}"
             )
-        if self.site in dropped:
-            raise SecureSumError(f"refusing to unmask round {request.round}: {self.site} is listed as dropped")
-        revealed = self._revealed.setdefault(request.round, {})
+        outside = set(state.participants) - set(uploaded)
+        wrong_seed = sorted(set(request.self_seed_ciphertexts) - set(uploaded))
+        wrong_key = sorted(set(request.key_ciphertexts) - outside)
+        if wrong_seed or wrong_key:
+            raise RefusedError(
+                f"{refuse}: it reveals self-seed shares only for U and mask-key shares only for participants "
+                f"outside U (asked self seeds of {wrong_seed}, mask keys of {wrong_key})"
+            )
         answer: dict[str, dict[str, bytes]] = {SELF_SEED: {}, KEY_SHARE: {}}
         for owner, ciphertext in request.self_seed_ciphertexts.items():
-            if owner not in uploaded or revealed.get(owner, SELF_SEED) != SELF_SEED:
-                raise SecureSumError(f"refusing to reveal {owner}'s self-mask share in round {request.round}")
             answer[SELF_SEED][owner] = self._decrypt(ciphertext, owner, SELF_SEED, request.round)
-            revealed[owner] = SELF_SEED
         for owner, ciphertext in request.key_ciphertexts.items():
-            if owner not in dropped or revealed.get(owner, KEY_SHARE) != KEY_SHARE:
-                raise SecureSumError(f"refusing to reveal {owner}'s mask-key share in round {request.round}")
             answer[KEY_SHARE][owner] = self._decrypt(ciphertext, owner, KEY_SHARE, request.round)
-            revealed[owner] = KEY_SHARE
+        state.revealed = True
         return answer
 
     def unblind(
@@ -420,6 +543,11 @@ class SecureSumClient:
         """Server-blind: (total weight, weighted mean) from the aggregate, removing the uploaders' group masks."""
         if not self.config.server_blind:
             raise SecureSumError("unblind is for the server-blind mode only")
+        unknown = sorted(set(uploaded) - set(self.peers))
+        if unknown:
+            raise SecureSumError(f"the aggregate of round {round_number} names uploaders who have no keys: {unknown}")
+        if any(dtype not in FLOAT_DTYPES for _, _, dtype in layout):
+            raise SecureSumError(f"the aggregate of round {round_number} has a non-float layout")
         seed = self._group_seed_from(group_seed_ciphertext)
         total = np.array(blind_sum, dtype=self.fixed_point.dtype, copy=True)
         self._streamer.apply(total, [(group_mask_key(seed, self.job_id, round_number, site), -1) for site in uploaded])
@@ -429,6 +557,26 @@ class SecureSumClient:
     @property
     def fixed_point(self) -> FixedPoint:
         return self.config.fixed_point(max(len(self.peers), 1))
+
+    def _current(self, round_number: int, what: str) -> _MaskedRound:
+        if round_number != self._last_masked or round_number not in self._rounds:
+            raise RefusedError(
+                f"{self.site} refuses to {what} for round {round_number}: the round it masked in last is "
+                f"{self._last_masked}"
+            )
+        return self._rounds[round_number]
+
+    def _uploaded_problem(self, state: _MaskedRound, uploaded: list[str]) -> str | None:
+        if len(set(uploaded)) != len(uploaded):
+            return "U names a site twice"
+        if self.site not in uploaded:
+            return f"{self.site} is not in U {uploaded}, though it uploaded"
+        strangers = sorted(set(uploaded) - set(state.participants))
+        if strangers:
+            return f"U names sites that are not participants of the round: {strangers}"
+        if len(uploaded) < self.config.threshold:
+            return f"|U| = {len(uploaded)} is below the threshold {self.config.threshold}"
+        return None
 
     def _group_seed_from(self, ciphertext: bytes) -> bytes:
         if self._group_seed is None:
@@ -449,11 +597,14 @@ class SecureSumClient:
     def _decrypt(self, ciphertext: bytes, sender: str, purpose: str, round_number: int) -> bytes:
         if sender not in self.peers:
             raise SecureSumError(f"a share from {sender}, who advertised no keys")
-        return unseal(self._cipher(sender), ciphertext, sender, self.site, self.job_id, round_number, purpose)
+        try:
+            return unseal(self._cipher(sender), ciphertext, sender, self.site, self.job_id, round_number, purpose)
+        except ValueError as err:
+            raise RefusedError(str(err)) from err
 
 
 class SecureSumServer:
-    """The server's side: routes ciphertexts, checks and sums uploads, unmasks the sum. It never sees one update.
+    """The server's side: routes ciphertexts, checks and sums uploads, runs the consistency check, unmasks the sum.
 
     Args:
         job_id: the job.
@@ -475,7 +626,9 @@ class SecureSumServer:
     # -- setup
     def register_advertisements(self, adverts: Sequence[Advertisement]) -> list[Advertisement]:
         """Check the advertisements (unique, right job, signed when a root CA is set); returns them for broadcast."""
-        self.adverts = _check_advertisements(adverts, self.job_id, self.config, self.root_ca_pem)
+        self.adverts = check_advertisements(
+            adverts, self.job_id, self.config, self.root_ca_pem, self.config.require_signed
+        )
         return [self.adverts[s] for s in sorted(self.adverts)]
 
     def register_key_shares(self, owner: str, messages: Mapping[str, Mapping[str, bytes]]) -> None:
@@ -523,20 +676,34 @@ class SecureSumServer:
         self.expected_layout = [(n, tuple(s), d) for n, s, d in layout] if layout else None
         self.accumulator: np.ndarray | None = None
         self.uploads: dict[str, dict[str, bytes]] = {}  # uploader -> its self-seed share ciphertexts
+        self.upload_digests: dict[str, str] = {}
+        self.signatures: dict[str, bytes] = {}
 
-    def receive_upload(self, upload: MaskedUpload) -> str | None:
-        """Add an upload to the sum; returns why it was rejected (then it counts as a dropout), None if accepted."""
+    def receive_upload(self, upload: MaskedUpload, sender: str | None = None) -> str | None:
+        """Add an upload to the sum; returns why it was rejected (then it counts as a dropout), None if accepted.
+
+        Args:
+            upload: the masked upload.
+            sender: the sender's authenticated identity (FLARE's); the upload must be its own.
+        """
         if self.round is None:
             return "no round in progress"
+        if sender is not None and upload.site != sender:
+            return f"an upload claiming to be from {upload.site}, sent by {sender}"
         if upload.site not in self.round_participants:
             return f"{upload.site} is not a participant of round {self.round}"
         if upload.site in self.uploads:
             return f"second upload from {upload.site} in round {self.round}"
         if upload.round != self.round:
             return f"upload for round {upload.round}, the current round is {self.round} (replayed or stale)"
-        signed = upload_signed_bytes(self.job_id, upload.round, upload.site, upload.digest())
+        digest = upload.digest()  # computed once: it hashes the whole vector
+        signed = upload_signed_bytes(
+            self.job_id, upload.round, upload.site, digest, participants_digest(self.round_participants)
+        )
         if not verify_ed25519(self.adverts[upload.site].signing_public, upload.signature, signed):
             return f"the signature of {upload.site}'s upload does not verify (tampered, replayed or forged)"
+        if any(dtype not in FLOAT_DTYPES for _, _, dtype in upload.layout):
+            return f"{upload.site}'s upload declares non-float arrays"
         layout = self.expected_layout or self._layout  # else the layout of the first upload ever accepted
         if layout is not None and [(n, tuple(s)) for n, s, _ in upload.layout] != [(n, tuple(s)) for n, s, _ in layout]:
             return f"{upload.site}'s upload has a different layout (array names or shapes) from the round's"
@@ -555,26 +722,53 @@ class SecureSumServer:
         else:
             np.add(self.accumulator, upload.vector, out=self.accumulator)
         self.uploads[upload.site] = dict(upload.self_seed_shares)
+        self.upload_digests[upload.site] = digest.hex()
+        return None
+
+    @property
+    def uploaded(self) -> list[str]:
+        return sorted(self.uploads)
+
+    def statement(self) -> bytes:
+        return _statement(self.job_id, self.round, self.uploaded, self.round_participants)
+
+    def consistency_targets(self) -> list[str]:
+        """U, the sites asked to sign it; raises SecureSumError with fewer than t uploads."""
+        if len(self.uploads) < self.config.threshold:
+            raise SecureSumError(
+                f"only {len(self.uploads)} valid uploads in round {self.round} ({self.uploaded}); unmasking needs "
+                f"{self.config.threshold} sites"
+            )
+        return self.uploaded
+
+    def receive_signature(self, site: str, signature: bytes) -> str | None:
+        """Keep a site's consistency signature; returns why it is refused (None if kept)."""
+        if site not in self.uploads:
+            return f"a consistency signature from {site}, who is not in U"
+        if not verify_ed25519(self.adverts[site].signing_public, bytes(signature), self.statement()):
+            return f"{site}'s consistency signature does not verify over U"
+        self.signatures[site] = bytes(signature)
         return None
 
     def unmask_requests(self) -> dict[str, UnmaskRequest]:
-        """One request per site that uploaded: the ciphertexts of the shares it must reveal."""
-        uploaded = sorted(self.uploads)
-        dropped = sorted(set(self.round_participants) - set(uploaded))
-        if len(uploaded) < self.config.threshold:
+        """One request per signer of U: everyone's signatures and the ciphertexts of the shares it must reveal."""
+        signers = sorted(self.signatures)
+        if len(signers) < self.config.threshold:
             raise SecureSumError(
-                f"only {len(uploaded)} valid uploads in round {self.round} ({uploaded}); unmasking needs "
-                f"{self.config.threshold} sites"
+                f"only {len(signers)} sites signed U in round {self.round} ({signers}); unmasking needs "
+                f"{self.config.threshold}"
             )
+        uploaded = self.uploaded
+        dropped = sorted(set(self.round_participants) - set(uploaded))
         return {
             holder: UnmaskRequest(
                 self.round,
                 uploaded,
-                dropped,
+                dict(self.signatures),
                 {owner: self.uploads[owner][holder] for owner in uploaded},
                 {owner: self._key_ciphertexts[(owner, holder)][self.round] for owner in dropped},
             )
-            for holder in uploaded
+            for holder in signers
         }
 
     def finish(
@@ -589,9 +783,9 @@ class SecureSumServer:
             decode: decode the unmasked sum into the weighted mean (False: leave it in ``blind_sum``, as the
                 server-blind mode always does).
         """
-        uploaded = sorted(self.uploads)
+        uploaded = self.uploaded
         dropped = sorted(set(self.round_participants) - set(uploaded))
-        survivors = sorted(site for site in responses if site in self.uploads)
+        survivors = sorted(site for site in responses if site in self.signatures)
         t = self.config.threshold
         if len(survivors) < t:
             raise SecureSumError(
@@ -635,7 +829,17 @@ class SecureSumServer:
                 masks.append((pair_mask_key(shared, self.job_id, self.round, peer, owner), -_sign_towards(peer, owner)))
         assert self.accumulator is not None
         self._streamer.apply(self.accumulator, masks)
-        result = SecureSumResult(self.round, uploaded, dropped, survivors, layout=self._layout)
+        result = SecureSumResult(
+            self.round,
+            uploaded,
+            dropped,
+            sorted(self.signatures),
+            survivors,
+            layout=self._layout,
+            upload_digests=dict(self.upload_digests),
+            signatures={site: signature.hex() for site, signature in self.signatures.items()},
+            statement_sha256=hashlib.sha256(self.statement()).hexdigest(),
+        )
         if self.config.server_blind or not decode:
             result.blind_sum = self.accumulator
         else:
@@ -643,3 +847,16 @@ class SecureSumServer:
             result.total_weight, result.mean = weight, unflatten(flat, self._layout)
         self._start_round(None)
         return result
+
+    def abandon_round(self) -> dict:
+        """End a round that cannot be unmasked; returns what the ledger keeps of it (participants, accepted
+        uploads, signatures received)."""
+        evidence = {
+            "participants": list(self.round_participants),
+            "accepted": dict(self.upload_digests),
+            "dropped": sorted(set(self.round_participants) - set(self.uploads)),
+            "signatures": {site: signature.hex() for site, signature in self.signatures.items()},
+            "statement_sha256": hashlib.sha256(self.statement()).hexdigest() if self.round is not None else "",
+        }
+        self._start_round(None)
+        return evidence
