@@ -10,8 +10,8 @@ pharmafl=".venv/bin/pharmafl"
 out="${PHARMAFL_DEMO_DIR:-runs/demo}"
 job="jobs/multitask_fedavg"
 start=$(date +%s)
-"$pharmafl" prepare chem --partners 3 --out "$out/data"
-"$pharmafl" simulate "$job" --data "$out/data" --workspace "$out/workspace"
+"$pharmafl" prepare chem --partners 3 --out "$out/data" --overwrite  # --overwrite: the demo owns $out
+"$pharmafl" simulate "$job" --data "$out/data" --workspace "$out/workspace" --overwrite
 # The single-partner baseline: the job's model and training code with its own number of rounds,
 # chosen on the validation fold like the job's (scripts/tune_chem.py; docs/RESULTS.md).
 "$pharmafl" baseline chem --data "$out/data" --out "$out/single_partner" --job "$job" --rounds 7

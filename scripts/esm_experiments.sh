@@ -19,12 +19,12 @@ settings=(--set "max_length=$max_length")
 for split in iid label-skew; do
   noise=()
   [ "$split" = label-skew ] && noise=(--set grad_noise_std=1e-4)
-  "$pharmafl" prepare binding-sites "$data/ATP_train.txt" "$data/HEM_train.txt" --out "$out/$split/data" \
+  "$pharmafl" prepare binding-sites "$data/ATP_train.txt" "$data/HEM_train.txt" --out "$out/$split/data" --overwrite \
     --clients 2 --split "$split" --max-length "$max_length"
   "$pharmafl" baseline esm --data "$out/$split/data" --out "$out/$split/centralized" --mode centralized \
     --rounds "$rounds" --model "$model" "${settings[@]}" "${noise[@]}"
   for job in esm2_lora_fra esm2_lora_fedavg; do
-    "$pharmafl" simulate "jobs/$job" --data "$out/$split/data" --workspace "$out/$split/$job" \
+    "$pharmafl" simulate "jobs/$job" --data "$out/$split/data" --workspace "$out/$split/$job" --overwrite \
       --rounds "$rounds" --model "$model" "${settings[@]}" "${noise[@]}"
     "$pharmafl" report "$out/$split/$job" --baseline "$out/$split/centralized"
   done

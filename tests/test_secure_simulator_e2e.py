@@ -10,6 +10,7 @@ import torch
 from pharmafl.aggregation.secure_sum.encoding import choose_fixed_point
 from pharmafl.aggregation.secure_sum.ledger import LEDGER_FILE, SITE_LEDGER_FILE, read_ledger, verify_run
 from pharmafl.cli import main
+from pharmafl.errors import UserError
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
 from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, repo_root
 from pharmafl.simulate import run_simulator
@@ -143,12 +144,14 @@ def test_a_server_that_tells_each_site_its_own_u_gets_no_share(five_sites, tmp_p
     # around site-1), then refuses to reveal anything, because no t sites signed the same U
     attack = "pharmafl.testing.secure_sum.InconsistentUWorkflow"
     job, _ = tiny_secure_job(tmp_path, workflow=attack, target="site-1", attacked_round=0)
-    result = run_simulator(job, five_sites, tmp_path / "ws", rounds=1, quiet=True)
+    # the sites stop taking part once their ledger check finds the lie: the command fails and says so
+    with pytest.raises(UserError, match="the server's U differs from the U site-1 signed"):
+        run_simulator(job, five_sites, tmp_path / "ws", rounds=1, quiet=True)
     run_dir = tmp_path / "ws" / "server" / "simulate_job"
     (record,) = ledger_of(run_dir)[1:]
     assert record["status"] == "failed" and record["reason"] == "attack round 0: 0 sites revealed shares"
     assert record["model_before"] == record["model_after"]
-    log = open(result["log"]).read()
+    log = open(tmp_path / "ws" / "simulate.log").read()
     refusals = [line for line in log.splitlines() if "refused secagg_unmask" in line]
     assert len(refusals) == 5 and all("valid signatures over U by its members" in line for line in refusals)
     for site in SITES:

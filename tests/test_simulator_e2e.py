@@ -1,6 +1,9 @@
 """End to end in the real FLARE simulator: 2 sites on a ChEMBL subset, 2 rounds."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from pharmafl.baseline import run_single_partner
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
 from pharmafl.flare.multitask_executor import FINAL_MODEL_FILE, HEAD_FILE
 from pharmafl.jobs import repo_root
-from pharmafl.report import write_report
+from pharmafl.report import tensorboard_curves, write_report
 from pharmafl.simulate import run_simulator
 
 pytestmark = pytest.mark.slow
@@ -61,3 +64,45 @@ def test_report_compares_with_single_partner(finished_run, chembl_small, tmp_pat
         assert entry["federated_curve_auc_pr"][-1] == pytest.approx(entry["federated"]["auc_pr"], abs=1e-6)
     assert (workspace / "report/summary.json").is_file() and (workspace / "report/auc_pr_per_round.png").is_file()
     assert "site-1" in table
+
+
+def test_a_site_whose_task_raises_fails_the_run_with_its_error_on_the_console(chembl_small, tmp_path):
+    # site-2's fingerprints are damaged after preparation: its train task raises inside FLARE's client runner
+    data = tmp_path / "data"
+    shutil.copytree(chembl_small, data)
+    (data / "site-2" / "X.npz").write_bytes(b"not a sparse matrix")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pharmafl.cli",
+            "simulate",
+            str(JOB),
+            "--data",
+            str(data),
+            "--workspace",
+            str(tmp_path / "ws"),
+            "--rounds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    print(done.stdout[-3000:], done.stderr)
+    assert done.returncode == 2
+    assert done.stderr.startswith("pharmafl: error: site-2: ") and "simulate.log" in done.stderr
+    assert "ERROR: task failed: site-2 cannot run train" in done.stdout  # on the console as it happened
+    assert (tmp_path / "ws" / "simulate.log").is_file()
+
+
+def test_progress_lines_name_the_site_and_the_loss_reaches_tensorboard(finished_run):
+    result, workspace = finished_run
+    log = open(result["log"]).read()
+    from pharmafl.simulate import PROGRESS, console_line
+
+    shown = [console_line(line) for line in log.splitlines() if PROGRESS.search(line)]
+    for site in ("site-1", "site-2"):
+        assert any(line.startswith(f"progress: {site} round 1 step ") and ", loss " in line for line in shown)
+    curves = tensorboard_curves(workspace / "server" / "simulate_job", tag="train/loss")
+    assert set(curves) == {"site-1", "site-2"} and all(len(c) == 2 and all(v > 0 for v in c) for c in curves.values())

@@ -61,8 +61,10 @@ def bench_trunk(data_dir: str | None, rounds: int = 3, workdir: str = "runs/benc
     for site in sites:
         train_site_alone(data / site, config, hidden_sizes, rounds, progress=lambda _: None)
     local_s = time.perf_counter() - start
-    sequential = run_simulator(DEFAULT_JOB, data, work / "ws-sequential", rounds, threads=1, quiet=True)
-    parallel = run_simulator(DEFAULT_JOB, data, work / "ws-parallel", rounds, threads=len(sites), quiet=True)
+    sequential = run_simulator(DEFAULT_JOB, data, work / "ws-sequential", rounds, threads=1, quiet=True, overwrite=True)
+    parallel = run_simulator(
+        DEFAULT_JOB, data, work / "ws-parallel", rounds, threads=len(sites), quiet=True, overwrite=True
+    )
     return {
         "benchmark": "trunk",
         "compounds_per_s": compounds / seconds,

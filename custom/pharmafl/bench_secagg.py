@@ -254,7 +254,9 @@ def job_overhead(data_dir: str | None, rounds: int = 3, workdir: str = "runs/ben
     walls: dict[str, list[float]] = {"multitask_fedavg": [], "multitask_secure": []}
     for _ in range(repeats):
         for name in walls:
-            result = run_simulator(repo_root() / "jobs" / name, data, work / f"ws-{name}", rounds, quiet=True)
+            result = run_simulator(
+                repo_root() / "jobs" / name, data, work / f"ws-{name}", rounds, quiet=True, overwrite=True
+            )
             walls[name].append(result["wall_s"])
     fedavg, secure = walls["multitask_fedavg"], walls["multitask_secure"]
     return {

@@ -7,12 +7,30 @@ import json
 import sys
 from pathlib import Path
 
+from pharmafl import __version__
 from pharmafl.errors import UserError
 from pharmafl.jobs import repo_root
 
 DEFAULT_CHEMBL = repo_root().parent / "shared" / "data" / "chem" / "chembl_5thresh.csv.gz"
 CHEMBL_URL = "https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/chembl_5thresh.csv.gz"
 DEFAULT_JOB = repo_root() / "jobs" / "multitask_fedavg"
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, options without a help text included."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.option_strings and action.nargs != 0 and not action.required
+        if shown and action.default is not argparse.SUPPRESS and "default" not in text:
+            text += " (default: not set)" if action.default is None else " (default: %(default)s)"
+        return text.strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -47,6 +65,12 @@ def _add_executor_overrides(parser: argparse.ArgumentParser) -> None:
         type=_assignment,
         metavar="NAME=VALUE",
         help="override an executor argument of the job (repeatable), e.g. --set grad_noise_std=1e-4",
+    )
+
+
+def _add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace {what} (never a folder pharmafl did not make)"
     )
 
 
@@ -87,7 +111,7 @@ def cmd_prepare_chem(args: argparse.Namespace) -> int:
         max_compounds=args.max_compounds,
         compound_overlap=args.compound_overlap,
     )
-    summary = prepare_chem(args.input or _default_chem_input(), args.out, config)
+    summary = prepare_chem(args.input or _default_chem_input(), args.out, config, overwrite=args.overwrite)
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
     print(f"skipped rows: {skipped}; duplicate structures merged: {summary['duplicates_merged']}")
     print(f"wrote {args.out}")
@@ -107,7 +131,9 @@ def cmd_prepare_binding_sites(args: argparse.Namespace) -> int:
         client_names=[s.strip() for s in args.sites.split(",")] if args.sites else None,
         max_chains_per_input=args.max_chains_per_input,
     )
-    prepare_binding_sites(args.inputs, args.out, config, fmt=args.format, labels_path=args.labels)
+    prepare_binding_sites(
+        args.inputs, args.out, config, fmt=args.format, labels_path=args.labels, overwrite=args.overwrite
+    )
     return 0
 
 
@@ -124,6 +150,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _executor_overrides(args),
         faults=faults,
         fault_round=args.fault_round,
+        overwrite=args.overwrite,
     )
     print(f"simulation finished in {result['wall_s']:.1f} s; results in {result['run_dir']}")
     return 0
@@ -301,13 +328,15 @@ def cmd_ledger_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pharmafl", description=__doc__)
+    parser = _Parser(prog="pharmafl", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"pharmafl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = commands.add_parser("prepare", help="prepare site data").add_subparsers(dest="kind", required=True)
     chem = prepare.add_parser("chem", help="MELLODDY-style compound x assay data -> one folder per partner")
     chem.add_argument("input", nargs="?", help=f"CSV/CSV.GZ path or URL (default: {DEFAULT_CHEMBL.name})")
     chem.add_argument("--out", required=True, help="output folder (one subfolder per site)")
+    _add_overwrite(chem, "an earlier preparation in --out")
     who = chem.add_mutually_exclusive_group(required=True)
     who.add_argument("--partners", type=int, help="number of simulated partners (sites site-1..site-N)")
     who.add_argument("--sites", help="comma-separated site names")
@@ -334,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     proteins = prepare.add_parser("binding-sites", help="per-residue binding-site chains -> one folder per client")
     proteins.add_argument("inputs", nargs="+", help="GPSite three-line files, FASTA (with --labels) or CSV")
-    proteins.add_argument("--out", required=True)
+    proteins.add_argument("--out", required=True, help="output folder (one subfolder per client + common_test)")
+    _add_overwrite(proteins, "an earlier preparation in --out")
     proteins.add_argument("--clients", type=int, default=2)
     proteins.add_argument("--sites", default=None, help="comma-separated client names (default site-1..site-N)")
     proteins.add_argument("--split", default="iid", choices=["iid", "label-skew", "by-source"])
@@ -350,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="run a job in the FLARE simulator, one client per site")
     simulate.add_argument("job", help="job folder, e.g. jobs/multitask_fedavg")
     simulate.add_argument("--data", required=True, help="prepared data folder (one subfolder per site)")
-    simulate.add_argument("--workspace", required=True, help="simulator workspace (replaced)")
+    simulate.add_argument("--workspace", required=True, help="simulator workspace: a new or empty folder")
+    _add_overwrite(simulate, "an earlier simulator workspace in --workspace")
     simulate.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
     simulate.add_argument("--threads", type=int, default=None, help="clients run in parallel (default: all)")
     simulate.add_argument("--model", default=None, help="ESM-2 jobs: hub name or local folder of the base model")

@@ -6,6 +6,8 @@ import importlib
 import inspect
 import json
 import shutil
+import types
+import typing
 from dataclasses import fields
 from pathlib import Path
 
@@ -53,11 +55,104 @@ def executor_args(job_dir: str | Path) -> dict:
     return dict(find_component(job_configs(job_dir)[1], "executor").get("args", {}))
 
 
-def accepted_arguments(class_path: str) -> set[str]:
-    """The constructor argument names of the component class at ``class_path`` (e.g. a job's executor)."""
+def component_class(class_path: str) -> type:
     module_name, _, class_name = class_path.rpartition(".")
-    component = getattr(importlib.import_module(module_name), class_name)
-    return set(inspect.signature(component.__init__).parameters) - {"self"}
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"the job names a component class {class_path} that cannot be imported ({err}).") from err
+
+
+def argument_types(class_path: str) -> dict[str, object]:
+    """The constructor arguments of the component class at ``class_path`` (e.g. a job's executor) and their types."""
+    init = component_class(class_path).__init__
+    hints = typing.get_type_hints(init)
+    return {name: hints.get(name, object) for name in inspect.signature(init).parameters if name != "self"}
+
+
+def typed_arguments(class_path: str, values: dict) -> dict:
+    """``values`` (e.g. ``--set`` overrides) converted to the types of the constructor arguments they name.
+
+    A wrong name or a value that is not of the argument's type is one sentence naming the argument, its type and
+    the valid names.
+    """
+    types_ = argument_types(class_path)
+    class_name = class_path.rpartition(".")[2]
+    valid = ", ".join(sorted(types_))
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise UserError(f"{class_name} has no argument {', '.join(unknown)}; its arguments are: {valid}.")
+    typed = {}
+    for name, value in values.items():
+        try:
+            typed[name] = _convert(value, types_[name])
+        except (TypeError, ValueError):
+            raise UserError(
+                f"{name}={value!r} is not a valid {_type_name(types_[name])} for {class_name}'s argument {name}; "
+                f"its arguments are: {valid}."
+            ) from None
+    return typed
+
+
+def check_component_arguments(class_path: str, args: dict) -> None:
+    """Build the component once with ``args`` so that its own checks (ranges, choices) run before FLARE starts."""
+    class_name = class_path.rpartition(".")[2]
+    try:
+        component_class(class_path)(**args)
+    except (UserError, ValueError, TypeError) as err:
+        raise UserError(f"{class_name} refuses its arguments: {err}") from err
+
+
+def _convert(value, hint):
+    """``value`` as ``hint`` (int, float, str, bool, list[...], tuple[...], dict, X | None); TypeError if it is not."""
+    origin, members = typing.get_origin(hint), typing.get_args(hint)
+    if hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in members:
+            return None
+        for member in members:
+            if member is not type(None):
+                try:
+                    return _convert(value, member)
+                except (TypeError, ValueError):
+                    continue
+        raise TypeError(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise TypeError(value)
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise TypeError(value)
+        if members and members[-1] is not Ellipsis and origin is tuple:
+            return [_convert(v, m) for v, m in zip(value, members, strict=True)]
+        return [_convert(v, members[0]) for v in value] if members else list(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise TypeError(value)
+        return value
+    return value
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(m) for m in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint)
 
 
 def settings_from_args(settings_class, args: dict):
@@ -93,10 +188,7 @@ def write_job_copy(
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if executor_overrides:
         executor = find_component(client, "executor")
-        unknown = sorted(set(executor_overrides) - accepted_arguments(executor["path"]))
-        if unknown:
-            raise UserError(f"{executor['path']} has no argument {', '.join(unknown)}.")
-        executor.setdefault("args", {}).update(executor_overrides)
+        executor.setdefault("args", {}).update(typed_arguments(executor["path"], executor_overrides))
     (out / SERVER_CONFIG).write_text(json.dumps(server, indent=2) + "\n")
     (out / CLIENT_CONFIG).write_text(json.dumps(client, indent=2) + "\n")
     return out

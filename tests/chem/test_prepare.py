@@ -381,3 +381,43 @@ def test_private_compounds_stay_with_one_partner(chembl_csv, tmp_path):
         assert (data.tasks["actives"] >= 10).all() and (data.tasks["inactives"] >= 10).all()
     with pytest.raises(UserError, match="compound overlap"):
         prepare_chem(str(chembl_csv), str(tmp_path / "x"), PrepareConfig(sites=sites, compound_overlap="some"))
+
+
+# --- the output folder ------------------------------------------------------------------------------
+
+
+def test_re_preparing_with_fewer_partners_is_refused_then_replaces_exactly(wide_csv, tmp_path):
+    out = tmp_path / "out"
+    prepare_chem(str(wide_csv), str(out), PrepareConfig(sites=["a", "b", "c"], **NO_QUORUM), progress=None)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="--overwrite"):
+        prepare_chem(str(wide_csv), str(out), PrepareConfig(sites=["a", "b"], **NO_QUORUM), progress=None)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    prepare_chem(str(wide_csv), str(out), PrepareConfig(sites=["a", "b"], **NO_QUORUM), progress=None, overwrite=True)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["a", "b"]
+    assert set(json.loads((out / "summary.json").read_text())["sites"]) == {"a", "b"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []  # no staging folder left
+
+
+def test_prepare_never_writes_into_a_folder_it_did_not_make(wide_csv, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="not a pharmafl output"):
+            prepare_chem(
+                str(wide_csv), str(mine), PrepareConfig(sites=["a"], **NO_QUORUM), progress=None, overwrite=overwrite
+            )
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    with pytest.raises(UserError, match="which this command reads"):  # --out holding the input
+        prepare_chem(str(wide_csv), str(tmp_path), PrepareConfig(sites=["a"], **NO_QUORUM), progress=None)
+
+
+def test_a_failed_preparation_leaves_the_old_one_whole(wide_csv, tmp_path):
+    out = tmp_path / "out"
+    prepare_chem(str(wide_csv), str(out), PrepareConfig(sites=["a", "b"], **NO_QUORUM), progress=None)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    strict = PrepareConfig(sites=["a", "b"], min_train_actives=10**6)  # no site passes: refused after reading
+    with pytest.raises(UserError, match="no task"):
+        prepare_chem(str(wide_csv), str(out), strict, progress=None, overwrite=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -37,8 +38,18 @@ def _approve(job: Path, kits: Path, sites: list[str]) -> None:
         add_entries(kits / site / "local" / "approved_jobs.json", job_entries(job))
 
 
+def checkout_status() -> str:
+    return subprocess.run(["git", "status", "--porcelain"], cwd=repo_root(), capture_output=True, text=True).stdout
+
+
 @pytest.fixture(scope="module")
-def consortium(tmp_path_factory, chembl_consortium):
+def checkout_before():
+    """`git status --porcelain` of the checkout before the POC: up, submit and down must leave it as it was."""
+    return checkout_status()
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory, chembl_consortium, checkout_before):
     """A running POC (isolated HOME and workspace, free ports), taken down whatever happens."""
     root = tmp_path_factory.mktemp("poc")
     with pytest.MonkeyPatch.context() as patch:
@@ -77,7 +88,10 @@ def test_lead_job_completes_downloads_and_reports(consortium, one_round_job, tmp
     record = tmp_path / "submissions.jsonl"
     out = tmp_path / "results"
     argv = ["submit", str(one_round_job), "--wait", "--out", str(out), "--record", str(record), "--timeout", "600"]
+    before = sorted(str(p.relative_to(one_round_job)) for p in one_round_job.rglob("*"))
     assert main(argv) == 0
+    # FLARE's API signs what it submits in place: submit signs a copy, the user's job folder stays as it was
+    assert sorted(str(p.relative_to(one_round_job)) for p in one_round_job.rglob("*")) == before
     (result_dir,) = list(out.iterdir())
     summary = json.loads((result_dir / "report" / "summary.json").read_text())
     assert set(summary["sites"]) == set(SITES)
@@ -228,3 +242,8 @@ def test_up_after_a_killed_run_and_down_twice(consortium, chembl_consortium):
     assert flare_processes(workspace) == [] and not workspace.exists()
     assert main(["poc", "down"]) == 0
     assert main(["poc", "status"]) == 1
+
+
+def test_up_submit_down_leave_the_checkout_as_it_was(consortium, checkout_before):
+    # runs last in this module (after every submission and the downs above): nothing written into the checkout
+    assert checkout_status() == checkout_before

@@ -27,6 +27,7 @@ from rdkit import Chem
 from pharmafl.chem.standardize import ecfp_bits, fold_for_scaffold, murcko_scaffold, standardize_with_reason
 from pharmafl.errors import UserError
 from pharmafl.manifest import sha256_file
+from pharmafl.outputs import PREPARATIONS, PREPARE_CHEM, check_output, staged_output
 
 FORMAT_VERSION = 1
 SITE_FILES = ("X.npz", "Y.npz", "values.npz", "folds.npy", "tasks.csv", "compounds.csv")
@@ -108,8 +109,12 @@ def prepare_chem(
     out_dir: str,
     config: PrepareConfig,
     progress: Callable[[str], None] | None = print,
+    overwrite: bool = False,
 ) -> dict:
     """Prepare `input_path` (local CSV[.gz] or http(s) URL) into one folder per site under `out_dir`.
+
+    `out_dir` must be new, empty or (with `overwrite`) an earlier preparation, which is then replaced as a whole:
+    checked before the input is read, written next to it and swapped in at the end (see `pharmafl.outputs`).
 
     Returns the summary that is also written to `out_dir/summary.json`. A skipped row is counted once,
     under the first reason that applies: empty_smiles, empty_rows (no label), invalid_smiles, too_large;
@@ -120,6 +125,8 @@ def prepare_chem(
     say = progress or (lambda _message: None)
     started = time.perf_counter()
     _validate_config(config)
+    local = [] if str(input_path).startswith(("http://", "https://")) else [input_path]
+    check_output(out_dir, PREPARATIONS, overwrite, "--out", reads=local)
     path = _resolve_input(input_path, say)
     frame = _read_csv(path)
     fmt = _detect_format(frame, config)
@@ -173,66 +180,64 @@ def prepare_chem(
 
     source = {"path": str(input_path), "sha256": sha256_file(path)}
     x_all = _fingerprint_matrix(fingerprints, config.n_bits)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"Output path '{out_dir}' exists and is not a directory.")
-    site_summaries = {}
-    for site, indices in site_tasks.items():
-        site_summaries[site] = _write_site(
-            out / site,
-            site,
-            [tasks[i] for i in indices],
-            stats.loc[indices],
-            x_all,
-            folds,
-            compounds,
-            labels.assay_names,
-            config,
-            source,
-        )
-        s = site_summaries[site]
-        say(
-            f"{site}: {s['compounds']} compounds, {s['tasks']} tasks ({s['tasks_eval']} evaluable), "
-            f"{s['labels']} labels"
-        )
-
-    in_sites = np.unique(np.concatenate([tasks[i].compound for ids in site_tasks.values() for i in ids]))
-    summary = {
-        "format_version": FORMAT_VERSION,
-        "input": source,
-        "format": fmt,
-        "rows_read": int(len(labels.row_smiles)),
-        "skipped": {
-            key: counts[key]
-            for key in (
-                "invalid_smiles",
-                "empty_smiles",
-                "too_large",
-                "non_numeric_values",
-                "empty_rows",
-                "invalid_qualifiers",
+    with staged_output(out_dir, PREPARE_CHEM) as out:
+        site_summaries = {}
+        for site, indices in site_tasks.items():
+            site_summaries[site] = _write_site(
+                out / site,
+                site,
+                [tasks[i] for i in indices],
+                stats.loc[indices],
+                x_all,
+                folds,
+                compounds,
+                labels.assay_names,
+                config,
+                source,
             )
-        },
-        "rows_beyond_max_compounds": counts["rows_beyond_max_compounds"],
-        "duplicates_merged": duplicates_merged,
-        "ignored_columns": labels.ignored_columns,
-        "empty_columns": labels.empty_columns,
-        "compounds": len(compounds),
-        "compounds_in_sites": int(len(in_sites)),
-        "assays": int(len(assays)),
-        "binary_assays": int(labels.assay_binary[assays].sum()),
-        "labels": int(sum(len(t.label) for t in tasks)),
-        "tasks_total": len(tasks),
-        "tasks_train_quorum": int(stats["train"].sum()),
-        "tasks_eval_quorum": int(stats["evaluate"].sum()),
-        "sites": site_summaries,
-        "config": {
-            **{k: v for k, v in asdict(config).items() if k != "fold_secret"},
-            "thresholds": sorted(config.thresholds),
-        },
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            s = site_summaries[site]
+            say(
+                f"{site}: {s['compounds']} compounds, {s['tasks']} tasks ({s['tasks_eval']} evaluable), "
+                f"{s['labels']} labels"
+            )
+
+        in_sites = np.unique(np.concatenate([tasks[i].compound for ids in site_tasks.values() for i in ids]))
+        summary = {
+            "format_version": FORMAT_VERSION,
+            "input": source,
+            "format": fmt,
+            "rows_read": int(len(labels.row_smiles)),
+            "skipped": {
+                key: counts[key]
+                for key in (
+                    "invalid_smiles",
+                    "empty_smiles",
+                    "too_large",
+                    "non_numeric_values",
+                    "empty_rows",
+                    "invalid_qualifiers",
+                )
+            },
+            "rows_beyond_max_compounds": counts["rows_beyond_max_compounds"],
+            "duplicates_merged": duplicates_merged,
+            "ignored_columns": labels.ignored_columns,
+            "empty_columns": labels.empty_columns,
+            "compounds": len(compounds),
+            "compounds_in_sites": int(len(in_sites)),
+            "assays": int(len(assays)),
+            "binary_assays": int(labels.assay_binary[assays].sum()),
+            "labels": int(sum(len(t.label) for t in tasks)),
+            "tasks_total": len(tasks),
+            "tasks_train_quorum": int(stats["train"].sum()),
+            "tasks_eval_quorum": int(stats["evaluate"].sum()),
+            "sites": site_summaries,
+            "config": {
+                **{k: v for k, v in asdict(config).items() if k != "fold_secret"},
+                "thresholds": sorted(config.thresholds),
+            },
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(
         f"prepared {summary['compounds']} compounds, {summary['tasks_train_quorum']} of "
         f"{summary['tasks_total']} tasks pass the training quorum, in {summary['seconds']} s -> {out_dir}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import getpass
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -104,7 +106,12 @@ def submit_job(
         raise UserError(f"cannot reach the FLARE server as {user} with the kit '{kit}': {err}") from err
     try:
         try:
-            job_id = session.submit_job(str(job))
+            with tempfile.TemporaryDirectory(prefix="pharmafl-submit-") as scratch:
+                # FLARE's API signs the folder it submits in place (.__nvfl_sig.json in every folder): sign a
+                # copy, so the user's checkout stays as it was.
+                copy = Path(scratch) / job.name
+                shutil.copytree(job, copy)
+                job_id = session.submit_job(str(copy))
         except Exception as err:  # noqa: BLE001 - e.g. AuthorizationError for an org_admin
             record["status"] = f"REFUSED: {err}"
             append_record(record_file, record)

@@ -29,6 +29,7 @@ FINAL_STATE_FILE = "local_adapter.npz"
 
 class ESMLoRAExecutor(SiteTrainingExecutor):
     streamed_metrics = STREAMED_METRICS
+    data_kind = "binding-sites"  # trains on `pharmafl prepare binding-sites` folders
 
     def __init__(
         self,
@@ -103,8 +104,7 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
         return trainer
 
     def train_round(self, trainer: BindingSiteTrainer, fl_ctx: FLContext, abort_signal: Signal) -> tuple[int, dict]:
-        steps = trainer.train(should_stop=lambda: abort_signal.triggered)
-        self.log_info(fl_ctx, f"last loss {trainer.last_loss:.4f}, upload {self.upload}")
+        steps = trainer.train(should_stop=lambda: abort_signal.triggered, progress=self.progress)
         return steps, trainer.state() if self.upload == "factors" else trainer.delta_state()
 
     def evaluate(self, trainer: BindingSiteTrainer) -> dict[str, dict]:

@@ -23,6 +23,7 @@ FINAL_MODEL_FILE = "local_model.pt"
 class MultiTaskExecutor(SiteTrainingExecutor):
     upload_kind = DataKind.WEIGHT_DIFF
     streamed_metrics = ("auc_roc", "auc_pr")
+    data_kind = "chem"  # trains on `pharmafl prepare chem` folders (checked before the simulator starts)
 
     def __init__(
         self,
@@ -78,9 +79,7 @@ class MultiTaskExecutor(SiteTrainingExecutor):
         return trainer
 
     def train_round(self, trainer: MultiTaskTrainer, fl_ctx: FLContext, abort_signal: Signal) -> tuple[int, dict]:
-        steps = trainer.train(
-            should_stop=lambda: abort_signal.triggered, progress=lambda msg: self.log_info(fl_ctx, msg)
-        )
+        steps = trainer.train(should_stop=lambda: abort_signal.triggered, progress=self.progress)
         torch.save(trainer.head_state(), os.path.join(self.run_dir, HEAD_FILE))
         trunk = trainer.trunk_weights()
         update = {name: trunk[name] - self.global_trunk[name] for name in self.global_trunk}

@@ -21,8 +21,11 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from pharmafl.errors import UserError
+from pharmafl.training.progress import StepReporter
 
 DATA_ENV = "PHARMAFL_DATA"
+TASK_FAILED = "task failed:"  # the start of the log line of a task this site could not run (simulate reports it)
+PROGRESS_TAG = "progress:"  # the start of a training progress line (simulate shows it on the console)
 
 
 def site_data_dir(data_root: str, site: str) -> str:
@@ -49,6 +52,7 @@ class SiteTrainingExecutor(Executor):
         self.run_dir = ""
         self.log_writer = None
         self.last_round = -1
+        self.progress = StepReporter(lambda _line: None)  # train_round passes it to its trainer
 
     # -- what a subclass provides
     def prepare(self, global_weights: dict, fl_ctx: FLContext):
@@ -56,7 +60,7 @@ class SiteTrainingExecutor(Executor):
         raise NotImplementedError
 
     def train_round(self, trainer, fl_ctx: FLContext, abort_signal: Signal) -> tuple[int, dict]:
-        """(local steps, arrays to upload)."""
+        """(local steps, arrays to upload); the trainer reports its steps to ``self.progress``."""
         raise NotImplementedError
 
     def evaluate(self, trainer) -> dict[str, dict]:
@@ -88,7 +92,7 @@ class SiteTrainingExecutor(Executor):
                 raise ValueError(f"expected global model WEIGHTS, got {dxo.data_kind}")
             trainer = self.prepare(dxo.data or {}, fl_ctx)
         except (UserError, ValueError) as err:
-            self.log_error(fl_ctx, f"cannot run {task_name}: {err}")
+            self.log_error(fl_ctx, f"{TASK_FAILED} {fl_ctx.get_identity_name()} cannot run {task_name}: {err}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         if task_name == self.validate_task_name:
             # The final global model is scored one step after the last training round.
@@ -99,10 +103,19 @@ class SiteTrainingExecutor(Executor):
         # Score the global model with this site's private parts first: the per-round curve of the federation.
         self.evaluate_and_stream(trainer, current_round)
         self.last_round = current_round
+        site = fl_ctx.get_identity_name()
+        say = lambda line: self.log_info(fl_ctx, f"{PROGRESS_TAG} {line}")  # noqa: E731
+        self.progress = StepReporter(say, prefix=f"{site} round {current_round} ")
         steps, upload = self.train_round(trainer, fl_ctx, abort_signal)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
-        self.log_info(fl_ctx, f"round {current_round}: {steps} local steps, uploading {len(upload)} arrays")
+        if self.log_writer is not None and np.isfinite(self.progress.mean_loss):
+            self.log_writer.add_scalar("train/loss", self.progress.mean_loss, global_step=current_round)
+        self.log_info(
+            fl_ctx,
+            f"round {current_round}: {steps} local steps, mean training loss {self.progress.mean_loss:.4f}, "
+            f"uploading {len(upload)} arrays",
+        )
         return DXO(
             data_kind=self.upload_kind, data=upload, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}
         ).to_shareable()

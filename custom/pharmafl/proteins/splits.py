@@ -29,6 +29,7 @@ import numpy as np
 
 from pharmafl.errors import UserError
 from pharmafl.manifest import sha256_file
+from pharmafl.outputs import PREPARATIONS, PREPARE_BINDING_SITES, check_output, staged_output
 from pharmafl.proteins.binding_sites import SKIP_REASONS, Chain, read_chains, source_name
 from pharmafl.proteins.dataset import COMMON_TEST, FORMAT_VERSION, ProteinSplit, write_jsonl
 
@@ -56,19 +57,19 @@ def prepare_binding_sites(
     fmt: str = "auto",
     labels_path: str | None = None,
     progress: Callable[[str], None] | None = print,
+    overwrite: bool = False,
 ) -> dict:
     """Read `inputs`, split them into clients and a common test set, write them under `out_dir`.
 
     Writes `<client>/{train,test}.jsonl`, `common_test/test.jsonl`, a manifest.json per folder and
-    `summary.json`; returns the summary.
+    `summary.json`; returns the summary. `out_dir` must be new, empty or (with `overwrite`) an earlier
+    preparation, which is then replaced as a whole (see `pharmafl.outputs`).
     """
     say = progress or (lambda _message: None)
     started = time.perf_counter()
     inputs = [str(path) for path in inputs]
     _validate(inputs, config)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"Output path '{out_dir}' exists and is not a directory.")
+    check_output(out_dir, PREPARATIONS, overwrite, "--out", reads=[*inputs, *([labels_path] if labels_path else [])])
 
     chains: list[Chain] = []
     input_summaries = []
@@ -132,51 +133,43 @@ def prepare_binding_sites(
         if not parts[name]["train"]:
             raise UserError(f"Client '{name}' gets no training chains; use fewer clients or more input chains.")
 
-    stale = sorted(
-        folder.name
-        for folder in (out.iterdir() if out.is_dir() else [])
-        if (folder / "manifest.json").is_file() and folder.name not in {*names, COMMON_TEST}
-    )
-    if stale:
-        notes.append(f"'{out_dir}' still holds folders of an earlier run, left untouched: {', '.join(stale)}")
-        say(f"note: {notes[-1]}")
-
     input_files = [
         {"path": s["path"], "source": s["source"], "sha256": sha256_file(Path(s["path"]))} for s in input_summaries
     ]
     for summary, file in zip(input_summaries, input_files, strict=True):
         summary["sha256"] = file["sha256"]
     parameters = _parameters(config, names)
-    client_summaries = {}
-    for name, part in parts.items():
-        client_summaries[name] = _write_folder(out / name, name, part, parameters, input_files)
-        train, test = client_summaries[name]["train"], client_summaries[name]["test"]
-        say(
-            f"{name}: {train['chains']} train / {test['chains']} test chains, positive rate "
-            f"{train['positive_rate']:.2%} / {test['positive_rate']:.2%}, {_describe_sources(train['sources'])}"
-        )
-    common = _write_folder(out / COMMON_TEST, COMMON_TEST, {"test": common_chains}, parameters, input_files)["test"]
-    say(f"{COMMON_TEST}: {common['chains']} chains, positive rate {common['positive_rate']:.2%}")
+    with staged_output(out_dir, PREPARE_BINDING_SITES) as out:
+        client_summaries = {}
+        for name, part in parts.items():
+            client_summaries[name] = _write_folder(out / name, name, part, parameters, input_files)
+            train, test = client_summaries[name]["train"], client_summaries[name]["test"]
+            say(
+                f"{name}: {train['chains']} train / {test['chains']} test chains, positive rate "
+                f"{train['positive_rate']:.2%} / {test['positive_rate']:.2%}, {_describe_sources(train['sources'])}"
+            )
+        common = _write_folder(out / COMMON_TEST, COMMON_TEST, {"test": common_chains}, parameters, input_files)["test"]
+        say(f"{COMMON_TEST}: {common['chains']} chains, positive rate {common['positive_rate']:.2%}")
 
-    summary = {
-        "format_version": FORMAT_VERSION,
-        "inputs": input_summaries,
-        "records": sum(s["records"] for s in input_summaries),
-        "skipped": {reason: sum(s["skipped"][reason] for s in input_summaries) for reason in SKIP_REASONS},
-        "cropped": sum(s["cropped"] for s in input_summaries),
-        "positives_cropped": sum(s["positives_cropped"] for s in input_summaries),
-        "not_used": sum(s["not_used"] for s in input_summaries),
-        "chains": len(chains),
-        "sequence_groups": int(n_groups),
-        "chains_sharing_a_sequence": int(group_size[group_size > 1].sum()),
-        "split": config.split,
-        "clients": client_summaries,
-        "common_test": common,
-        "notes": notes,
-        "config": parameters,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = {
+            "format_version": FORMAT_VERSION,
+            "inputs": input_summaries,
+            "records": sum(s["records"] for s in input_summaries),
+            "skipped": {reason: sum(s["skipped"][reason] for s in input_summaries) for reason in SKIP_REASONS},
+            "cropped": sum(s["cropped"] for s in input_summaries),
+            "positives_cropped": sum(s["positives_cropped"] for s in input_summaries),
+            "not_used": sum(s["not_used"] for s in input_summaries),
+            "chains": len(chains),
+            "sequence_groups": int(n_groups),
+            "chains_sharing_a_sequence": int(group_size[group_size > 1].sum()),
+            "split": config.split,
+            "clients": client_summaries,
+            "common_test": common,
+            "notes": notes,
+            "config": parameters,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say(
         f"prepared {summary['chains']} chains ({sum(summary['skipped'].values())} skipped, {summary['cropped']} "
         f"cropped) into {len(names)} clients and a common test set in {summary['seconds']} s -> {out_dir}"

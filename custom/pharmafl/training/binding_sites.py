@@ -14,6 +14,7 @@ from pharmafl.errors import UserError
 from pharmafl.metrics import token_metrics
 from pharmafl.models.esm_lora import IGNORE_INDEX, encode_chains, load_lora_state, lora_state
 from pharmafl.proteins.binding_sites import Chain
+from pharmafl.training.progress import StepCallback
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
@@ -83,8 +84,15 @@ class BindingSiteTrainer:
         self.last_loss = float("nan")
         self.loss_weights = class_weights(self.chains) if self.config.class_weight == "balanced" else None
 
-    def train(self, steps: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> int:
-        """Run ``steps`` (default ``config.local_steps``) optimiser steps on random batches; returns steps taken."""
+    def train(
+        self,
+        steps: int | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: StepCallback | None = None,
+    ) -> int:
+        """Run ``steps`` (default ``config.local_steps``) optimiser steps on random batches; returns steps taken.
+
+        ``progress(done, total, loss)`` is called after every step."""
         steps = self.config.local_steps if steps is None else steps
         size = min(self.config.batch_size, len(self.chains))
         self.model.train()
@@ -109,6 +117,8 @@ class BindingSiteTrainer:
             self.optimizer.step()
             self.last_loss = float(loss.detach())
             done += 1
+            if progress:
+                progress(done, steps, self.last_loss)
         self.steps_done += done
         return done
 

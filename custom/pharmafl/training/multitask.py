@@ -17,6 +17,7 @@ from scipy import sparse
 from pharmafl.chem.dataset import SiteData
 from pharmafl.metrics import per_task_auc, summarize
 from pharmafl.models.multitask import MultiTaskNet
+from pharmafl.training.progress import StepCallback
 
 
 @dataclass
@@ -102,22 +103,24 @@ class MultiTaskTrainer:
         self,
         epochs: int | None = None,
         should_stop: Callable[[], bool] = lambda: False,
-        progress: Callable[[str], None] | None = None,
+        progress: StepCallback | None = None,
     ) -> int:
-        """Train ``epochs`` epochs (default: config.local_epochs) over the training folds; returns steps."""
+        """Train ``epochs`` epochs (default: config.local_epochs) over the training folds; returns steps.
+
+        ``progress(done, total, loss)`` is called after every step."""
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(self.torch_rng_state)
             steps = self._train(epochs or self.config.local_epochs, should_stop, progress)
             self.torch_rng_state = torch.get_rng_state()
         return steps
 
-    def _train(self, epochs: int, should_stop: Callable[[], bool], progress: Callable[[str], None] | None) -> int:
+    def _train(self, epochs: int, should_stop: Callable[[], bool], progress: StepCallback | None) -> int:
         self.model.train()
         steps = 0
         labels = self.data.Y
+        total = epochs * math.ceil(len(self.train_rows) / self.config.batch_size)
         for _ in range(epochs):
             order = self.rng.permutation(self.train_rows)
-            total_loss, n_batches = 0.0, math.ceil(len(order) / self.config.batch_size)
             for start in range(0, len(order), self.config.batch_size):
                 if should_stop():
                     return steps
@@ -131,11 +134,10 @@ class MultiTaskTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
-                total_loss += float(loss.detach())
                 steps += 1
+                if progress:
+                    progress(steps, total, float(loss.detach()))
             self.epochs_done += 1
-            if progress:
-                progress(f"epoch {self.epochs_done}: mean loss {total_loss / max(n_batches, 1):.4f}")
         return steps
 
     @torch.no_grad()
