@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from pharmafl.report import SITE_METRICS_FILE, build_summary, federated_final, site_metrics
+from pharmafl.cli import main
+from pharmafl.report import SITE_METRICS_FILE, build_summary, federated_final, format_table, site_metrics
 
 
 def test_final_metrics_skip_the_initial_checkpoint(tmp_path):
@@ -60,3 +61,36 @@ def test_a_downloaded_result_without_site_folders_reports_the_means(tmp_path):
         assert entry["mean_per_task_delta_auc_pr"] is None
         assert entry["federated"] == {"auc_roc": 0.8, "auc_pr": 0.5} and entry["tasks_evaluated"] > 0
     assert site_metrics(tmp_path / "ws" / "server" / "simulate_job", "site-1") is None
+
+
+def _server_rounds(workspace, rounds):
+    config = workspace / "server" / "simulate_job" / "app_server" / "config"
+    config.mkdir(parents=True)
+    (config / "config_fed_server.json").write_text(json.dumps({"num_rounds": rounds}))
+
+
+def test_the_table_says_the_rounds_of_each_side_and_warns_when_they_differ(tmp_path):
+    workspace = _sim_workspace(tmp_path / "ws", per_task_at_sites=False)
+    _server_rounds(workspace, 2)
+    baseline = _baseline(tmp_path / "sp")
+    summary_file = baseline / "summary.json"
+    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "rounds": 13}))
+    summary = build_summary(workspace, baseline)
+    assert summary["rounds"] == {"federated": 2, "single_partner": 13}
+    table = format_table(summary)
+    assert "WARNING: the rounds differ (federated 2, single-partner 13)" in table and "--rounds 2" in table
+    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "rounds": 2}))
+    assert "Rounds: federated 2, single-partner 2." in format_table(build_summary(workspace, baseline))
+
+
+@pytest.mark.parametrize("results", [{}, {"site-1": {}}])
+def test_report_on_a_run_without_results_is_exit_2_with_one_sentence(tmp_path, capsys, results):
+    run = tmp_path / "ws" / "server" / "simulate_job" / "cross_site_val"
+    run.mkdir(parents=True)
+    (run / "cross_val_results.json").write_text(json.dumps(results))
+    assert main(["report", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err
+    assert "finished without results" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "holds no finished run" in capsys.readouterr().err

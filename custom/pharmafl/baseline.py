@@ -10,6 +10,7 @@ from pathlib import Path
 from pharmafl.chem.dataset import load_site
 from pharmafl.jobs import executor_args, job_configs, prepared_sites, settings_from_args, trunk_model_args
 from pharmafl.training.multitask import MultiTaskTrainer, TrainConfig
+from pharmafl.training.progress import StepReporter
 
 
 def job_train_config(job_dir: str | Path) -> tuple[TrainConfig, list[int], int]:
@@ -34,8 +35,8 @@ def train_site_alone(
     for round_number in range(rounds):
         # Scored before each round's training, as the executor scores the global model it receives.
         curve.append(trainer.evaluate()["auc_pr"])
-        trainer.train()
-        progress(f"{data.manifest.get('site', data_path)}: round {round_number + 1}/{rounds} done")
+        site = data.manifest.get("site", data_path)
+        trainer.train(progress=StepReporter(progress, prefix=f"{site} alone round {round_number + 1}/{rounds} "))
     test = trainer.evaluate()
     validation = trainer.evaluate(config.validation_fold)
     curve.append(test["auc_pr"])

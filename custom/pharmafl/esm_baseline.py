@@ -18,6 +18,7 @@ from pharmafl.jobs import executor_args, job_configs, prepared_sites, settings_f
 from pharmafl.models.esm_lora import LoRASettings, load_esm_lora
 from pharmafl.proteins.dataset import load_client, load_common_test
 from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer
+from pharmafl.training.progress import StepReporter
 
 MODES = ("centralized", "local")
 
@@ -59,9 +60,10 @@ def run_esm_baseline(
         curves: dict[str, list[dict]] = {}
         score(trainer, scored_sites, curves)
         for round_number in range(rounds):
-            trainer.train(steps_per_round)
+            trainer.train(
+                steps_per_round, progress=StepReporter(progress, prefix=f"{mode} round {round_number + 1}/{rounds} ")
+            )
             score(trainer, scored_sites, curves)
-            progress(f"{mode} round {round_number + 1}/{rounds}: loss {trainer.last_loss:.4f}")
         return curves
 
     start = time.perf_counter()

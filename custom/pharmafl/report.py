@@ -25,7 +25,39 @@ def find_server_run_dir(workspace: str | Path) -> Path:
     if not candidates:
         raise UserError(f"'{root}' holds no finished run (no cross_site_val/cross_val_results.json).")
     preferred = [c for c in candidates if "server" in c.parts] or candidates
+    try:
+        results = json.loads(preferred[0].read_text())
+    except (OSError, ValueError):
+        results = None
+    if not isinstance(results, dict) or not any(isinstance(v, dict) and v for v in results.values()):
+        raise UserError(
+            f"the run in '{root}' finished without results: no site scored the final model; see its simulate.log."
+        )
     return preferred[0].parent.parent
+
+
+def federated_rounds(run_dir: Path) -> int | None:
+    """The number of rounds the run's server config set (None: the config is not in the run folder)."""
+    for config in sorted(run_dir.glob("app_*/config/config_fed_server.json")):
+        try:
+            return int(json.loads(config.read_text())["num_rounds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def rounds_note(federated: int | None, baselines: dict[str, int]) -> str:
+    """A line for the table: the rounds of each side, and a warning when they differ."""
+    if federated is None or not baselines:
+        return ""
+    sides = ", ".join(f"{name} {rounds}" for name, rounds in baselines.items())
+    if all(rounds == federated for rounds in baselines.values()):
+        return f"\nRounds: federated {federated}, {sides}."
+    return (
+        f"\nWARNING: the rounds differ (federated {federated}, {sides}): the comparison is like for like only when "
+        "each side's rounds were chosen on its own validation fold (as scripts/demo.sh does); else rerun the "
+        f"baseline with --rounds {federated}."
+    )
 
 
 def federated_final(run_dir: Path) -> dict[str, dict]:
@@ -100,7 +132,8 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
         path = Path(baseline_dir) / "summary.json"
         if not path.is_file():
             raise UserError(f"No baseline results at '{path}'; run `pharmafl baseline chem` first.")
-        baseline = json.loads(path.read_text())["sites"]
+        baseline_summary = json.loads(path.read_text())
+        baseline, baseline_rounds = baseline_summary["sites"], baseline_summary.get("rounds")
     sites = {}
     for site in sorted(final):
         entry = {
@@ -118,7 +151,10 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
             entry["mean_per_task_delta_auc_pr"] = _per_task_delta(federated_per_task, single.get("per_task", {}))
         sites[site] = entry
     deltas = [entry["delta"]["auc_pr"] for entry in sites.values() if "delta" in entry]
-    summary = {"run_dir": str(run_dir), "sites": sites}
+    rounds = {"federated": federated_rounds(run_dir)}
+    if baseline_dir is not None:
+        rounds["single_partner"] = baseline_rounds
+    summary = {"run_dir": str(run_dir), "rounds": rounds, "sites": sites}
     if deltas:
         summary["federated_beats_single_partner_everywhere"] = bool(len(deltas) == len(sites) and min(deltas) > 0)
     return summary
@@ -145,6 +181,11 @@ def format_table(summary: dict) -> str:
     if "federated_beats_single_partner_everywhere" in summary:
         verdict = "yes" if summary["federated_beats_single_partner_everywhere"] else "no"
         lines.append(f"\nFederated mean AUC-PR above single-partner at every site: {verdict}")
+    rounds = summary.get("rounds", {})
+    single = {"single-partner": rounds["single_partner"]} if rounds.get("single_partner") else {}
+    note = rounds_note(rounds.get("federated"), single)
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 
@@ -271,6 +312,7 @@ def build_esm_summary(workspace: str | Path, baseline_dirs: list) -> dict:
     return {
         "kind": "esm_lora",
         "run_dir": str(run_dir),
+        "rounds": federated_rounds(run_dir),
         "baselines": {
             baseline["mode"]: {"steps": baseline["steps"], "rounds": baseline["rounds"]} for baseline in baselines
         },
@@ -299,6 +341,9 @@ def format_esm_table(summary: dict) -> str:
         gaps = [gap for gap in gaps if gap is not None]
         if gaps:
             lines.append(f"\nF1 federated minus {mode} on the common test set: {min(gaps):+.4f} (worst site)")
+    note = rounds_note(summary.get("rounds"), {mode: summary["baselines"][mode]["rounds"] for mode in modes})
+    if note:
+        lines.append(note)
     return "\n".join(lines)
 
 

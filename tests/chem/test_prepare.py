@@ -421,3 +421,37 @@ def test_a_failed_preparation_leaves_the_old_one_whole(wide_csv, tmp_path):
     with pytest.raises(UserError, match="no task"):
         prepare_chem(str(wide_csv), str(out), strict, progress=None, overwrite=True)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# --- inputs people actually have ------------------------------------------------------------------
+
+
+def test_utf16_is_read_and_latin1_gets_a_hint(wide_csv, tmp_path):
+    text = wide_csv.read_text()
+    utf16 = tmp_path / "utf16.csv"
+    utf16.write_text(text, encoding="utf-16")  # with its byte-order mark, as spreadsheets write it
+    config = PrepareConfig(sites=["a"], **NO_QUORUM)
+    expected = prepare_chem(str(wide_csv), str(tmp_path / "from_utf8"), config, progress=None)
+    assert (
+        prepare_chem(str(utf16), str(tmp_path / "from_utf16"), config, progress=None)["compounds"]
+        == expected["compounds"]
+    )
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes(text.replace("note", "Säure").encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text .*save it as UTF-8") as error:
+        prepare_chem(str(latin1), str(tmp_path / "from_latin1"), config, progress=None)
+    assert "\n" not in str(error.value)
+
+
+def test_text_labels_get_one_note_and_a_hint_not_a_note_per_column(tmp_path):
+    columns = {f"target_{i}": ["active", "inactive", "active"] for i in range(316)}
+    path = tmp_path / "text_labels.csv"
+    pd.DataFrame({"smiles": [ASPIRIN, IBUPROFEN, "CCO"], **columns}).to_csv(path, index=False)
+    messages = []
+    with pytest.raises(UserError, match="text labels \\(active, inactive\\): write labels as numbers, 1 for active"):
+        prepare_chem(
+            str(path), str(tmp_path / "out"), PrepareConfig(sites=["a"], **NO_QUORUM), progress=messages.append
+        )
+    notes = [m for m in messages if m.startswith("note: ignoring")]
+    assert len(notes) == 1 and "316 column(s)" in notes[0] and "and 313 more" in notes[0]
+    assert not (tmp_path / "out").exists()

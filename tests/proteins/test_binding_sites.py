@@ -203,3 +203,15 @@ def test_gpsite_files_parse_with_known_counts(gpsite_dir, name, records, positiv
     assert len({c.id for c in chains}) == records
     _, counts_1000 = read_chains(str(gpsite_dir / f"{name}.txt"), max_length=1000)
     assert counts_1000["cropped"] == cropped and counts_1000["positives_cropped"] > 0
+
+
+def test_utf16_input_is_read_and_latin1_gets_a_hint(tmp_path):
+    text = ">1abc_A\nMKTAYIAK\n00110000\n"
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text(text, encoding="utf-16")
+    chains, _ = read_chains(utf16)
+    assert [c.sequence for c in chains] == ["MKTAYIAK"]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(">1abc_A Säure\nMKTAYIAK\n00110000\n".encode("latin-1"))
+    with pytest.raises(UserError, match="is not UTF-8 text .*save it as UTF-8"):
+        read_chains(latin1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from pharmafl.aggregation.secure_sum.config import SecureSumConfig
@@ -86,6 +86,8 @@ def test_decoded_mean_is_within_the_stated_bound(clip, max_weight, clients, frac
     neighbours=st.sampled_from([None, 0]),
     seed=st.integers(0, 2**32 - 1),
 )
+# found by hypothesis: overflowing settings were accepted at key setup and refused only at the first mask
+@example(n=3, clip=0.25, max_weight=1000.0, fraction_bits=20, modulus_bits=32, neighbours=None, seed=0)
 def test_secure_weighted_mean_equals_plaintext_within_the_bound(
     n, clip, max_weight, fraction_bits, modulus_bits, neighbours, seed
 ):

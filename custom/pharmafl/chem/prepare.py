@@ -133,9 +133,12 @@ def prepare_chem(
     smiles_col = _find_smiles_column(frame, config.smiles_col, say)
     say(f"read {len(frame)} rows x {frame.shape[1]} columns from {input_path} ({fmt} format)")
     labels = _parse_wide(frame, smiles_col, say) if fmt == "wide" else _parse_long(frame, smiles_col)
+    text_hint = _text_label_hint(frame, labels.ignored_columns) if not labels.assay_names else ""
     del frame
     if not labels.assay_names:
-        raise UserError(f"No usable label column in '{input_path}': no column holds numeric activity values.")
+        raise UserError(
+            f"No usable label column in '{input_path}': no column holds numeric activity values{text_hint or '.'}"
+        )
 
     row_compound, compounds, fingerprints, scaffolds, counts = _featurize(labels, config, say)
     counts = {**labels.counts, **counts}
@@ -320,6 +323,10 @@ def _download(url: str, say: Callable[[str], None]) -> Path:
 def _read_csv(path: Path) -> pd.DataFrame:
     with open(path, "rb") as handle:
         gzipped = handle.read(2) == b"\x1f\x8b"  # by content, so cached downloads need no extension
+    with gzip.open(path, "rb") if gzipped else open(path, "rb") as handle:
+        start = handle.read(4)
+    # UTF-16 (as some spreadsheets save "Unicode text") and UTF-8 with a byte-order mark are unambiguous: read them.
+    encoding = "utf-16" if start[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
         # dtype=str and no NA parsing: every cell stays text, so nothing is coerced behind our back.
         frame = pd.read_csv(
@@ -328,10 +335,16 @@ def _read_csv(path: Path) -> pd.DataFrame:
             keep_default_na=False,
             na_filter=False,
             compression="gzip" if gzipped else "infer",
+            encoding=encoding,
         )
     except pd.errors.EmptyDataError:
         raise UserError(f"Input file '{path}' is empty.") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, gzip.BadGzipFile, EOFError, OSError) as exc:
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"'{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}, e.g. Latin-1): "
+            "save it as UTF-8 (spreadsheets: 'CSV UTF-8'), or convert it with `iconv -f latin1 -t utf-8 IN > OUT`."
+        ) from None
+    except (pd.errors.ParserError, gzip.BadGzipFile, EOFError, OSError) as exc:
         raise UserError(f"Could not read '{path}' as a CSV file ({str(exc).strip()[:200]}).") from None
     if len(frame) == 0:
         raise UserError(f"Input file '{path}' has a header but no data rows.")
@@ -374,6 +387,22 @@ def _empty_smiles(smiles: np.ndarray) -> np.ndarray:
     return ~pd.Series(smiles, dtype=object).str.strip().fillna("").astype(bool).to_numpy()
 
 
+TEXT_LABELS = {"active", "inactive", "yes", "no", "true", "false", "positive", "negative", "binder", "non-binder"}
+
+
+def _text_label_hint(frame: pd.DataFrame, columns: list[str]) -> str:
+    """A hint when ignored columns hold text labels such as 'active'/'inactive' (empty string otherwise)."""
+    found = sorted(
+        {value.strip().lower() for name in columns[:50] for value in frame[name].unique()[:20]} & TEXT_LABELS
+    )
+    if not found:
+        return ""
+    return (
+        f"; they hold text labels ({', '.join(found)}): write labels as numbers, 1 for active and 0 for inactive, "
+        "or give activity values such as pIC50."
+    )
+
+
 def _parse_wide(frame: pd.DataFrame, smiles_col: str, say: Callable[[str], None]) -> _Labels:
     """One column per assay; entirely non-numeric columns (ids, names) are ignored with a note."""
     columns = [c for c in frame.columns if c != smiles_col]
@@ -387,8 +416,11 @@ def _parse_wide(frame: pd.DataFrame, smiles_col: str, say: Callable[[str], None]
     non_binary = np.bincount(cols[numeric & (values != 0) & (values != 1)], minlength=len(columns))
 
     ignored = [columns[c] for c in np.flatnonzero((present_count > 0) & (numeric_count == 0))]
-    for name in ignored:
-        say(f"note: ignoring column '{name}': it holds no numeric values")
+    if ignored:
+        shown = ", ".join(f"'{name}'" for name in ignored[:3]) + (
+            f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
+        )
+        say(f"note: ignoring {len(ignored)} column(s) that hold no numbers: {shown}{_text_label_hint(frame, ignored)}")
     if (present_count == 0).any():
         say(f"note: {int((present_count == 0).sum())} columns hold no values at all")
     label_columns = np.flatnonzero(numeric_count > 0)

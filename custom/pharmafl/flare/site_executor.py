@@ -94,16 +94,17 @@ class SiteTrainingExecutor(Executor):
         except (UserError, ValueError) as err:
             self.log_error(fl_ctx, f"{TASK_FAILED} {fl_ctx.get_identity_name()} cannot run {task_name}: {err}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
+        site = fl_ctx.get_identity_name()
         if task_name == self.validate_task_name:
             # The final global model is scored one step after the last training round.
             metrics = self.evaluate_and_stream(trainer, self.last_round + 1)
-            self.log_info(fl_ctx, f"final global model: {self._summary(metrics)}")
+            self.log_info(fl_ctx, f"{PROGRESS_TAG} {site} final global model: {self._summary(metrics)}")
             return DXO(data_kind=DataKind.METRICS, data=self.validation_result(metrics)).to_shareable()
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
         # Score the global model with this site's private parts first: the per-round curve of the federation.
-        self.evaluate_and_stream(trainer, current_round)
+        metrics = self.evaluate_and_stream(trainer, current_round)
+        self.log_info(fl_ctx, f"{PROGRESS_TAG} {site} round {current_round} global model: {self._summary(metrics)}")
         self.last_round = current_round
-        site = fl_ctx.get_identity_name()
         say = lambda line: self.log_info(fl_ctx, f"{PROGRESS_TAG} {line}")  # noqa: E731
         self.progress = StepReporter(say, prefix=f"{site} round {current_round} ")
         steps, upload = self.train_round(trainer, fl_ctx, abort_signal)
@@ -113,7 +114,7 @@ class SiteTrainingExecutor(Executor):
             self.log_writer.add_scalar("train/loss", self.progress.mean_loss, global_step=current_round)
         self.log_info(
             fl_ctx,
-            f"round {current_round}: {steps} local steps, mean training loss {self.progress.mean_loss:.4f}, "
+            f"{site} round {current_round}: {steps} local steps, mean training loss {self.progress.mean_loss:.4f}, "
             f"uploading {len(upload)} arrays",
         )
         return DXO(

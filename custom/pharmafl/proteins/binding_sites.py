@@ -162,9 +162,17 @@ def _read_text(path: str | Path) -> str:
         raw = file.read_bytes()
         if raw[:2] == b"\x1f\x8b":  # by content, so the extension does not matter
             raw = gzip.decompress(raw)
-        return raw.decode("utf-8-sig")
-    except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError):
+    except (OSError, EOFError, gzip.BadGzipFile):
         raise UserError(f"Could not read '{path}' as a text file.") from None
+    # UTF-16 with its byte-order mark (Windows "Unicode text") and UTF-8 with or without one are unambiguous.
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"'{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}, e.g. Latin-1): "
+            "save it as UTF-8, or convert it with `iconv -f latin1 -t utf-8 IN > OUT`."
+        ) from None
 
 
 def _detect_format(path: str | Path, text: str, fmt: str, labels_path: str | None) -> str:

@@ -380,6 +380,10 @@ class SecureSumClient:
         self.authenticated = bool(self.root_ca_pem)
         if not self.authenticated:
             log.warning("secure sum %s: advertisements are not authenticated (no startup kit / root CA)", self.site)
+        try:
+            self.fixed_point  # noqa: B018 - the encoding for this many sites: refuse an overflow now, not at a mask
+        except ValueError as err:
+            raise RefusedError(f"refusing the secure-sum settings before sending any key: {err}") from err
         ordered = sorted(self.peers)
         self.index = {site: i + 1 for i, site in enumerate(ordered)}
         by_round = [split_secret(key, self.config.threshold, len(ordered)) for key in self.keys.mask_privates]

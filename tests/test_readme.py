@@ -1,0 +1,128 @@
+"""README smoke test: every command in README's bash blocks, run in order as a user would, on a small subset.
+
+The commands run in a scratch checkout (the repo's .venv, jobs/ and poc_workspace/ linked in, ../shared beside it)
+with its own HOME and POC workspace, so their outputs land under its runs/. Each README command gets only the
+changes a small subset needs (fewer compounds, chains, rounds and steps; a free port; a one-round job copy where
+the command runs the job's full rounds): a README command without a rule here fails the test.
+"""
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import time
+
+import pytest
+
+from pharmafl.jobs import repo_root, write_job_copy
+
+pytestmark = pytest.mark.slow
+README = repo_root() / "README.md"
+SMALL_CHEM = "--max-compounds 3000"
+ONE_ROUND_JOB = "runs/smoke_jobs/multitask_fedavg"
+ESM_SMALL = "--set local_steps=4 --set max_length=128 --set batch_size=4"
+
+
+def free_port() -> int:
+    """An FL port whose admin port (+1) is free too."""
+    while True:
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = first.getsockname()[1]
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
+def readme_commands() -> list[str]:
+    """The commands of README's bash blocks, continuation lines joined, comments and the two scripts left out."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith(("scripts/demo.sh", "scripts/test.sh")):
+                commands.append(re.sub(r"\s+", " ", line))
+    return commands
+
+
+# (README command pattern, the small-subset version: "{}" is the command with its [optional] parts removed)
+RULES = [
+    (r"^\.venv/bin/pharmafl prepare chem .*--partners 5", "{} " + SMALL_CHEM),
+    (r"^\.venv/bin/pharmafl prepare chem ", "{} " + SMALL_CHEM),
+    (r"^\.venv/bin/pharmafl simulate jobs/multitask_fedavg ", "{} --rounds 1"),
+    (r"^mkdir -p runs/flare_ws/local", "{}"),
+    (r"^PHARMAFL_DATA=.*nvflare simulator jobs/multitask_fedavg ", None),  # the one-round copy, below
+    (r"^\.venv/bin/pharmafl baseline chem ", "{} --rounds 1"),
+    (r"^\.venv/bin/pharmafl report ", "{}"),
+    (r"^\.venv/bin/pharmafl bench trunk ", "{} --data runs/data/chem --rounds 1 --workdir runs/bench"),
+    (r"^\.venv/bin/pharmafl prepare binding-sites ", "{} --max-chains-per-input 30 --max-length 128"),
+    (r"^M=\$\(", "{}"),
+    (r"^\.venv/bin/pharmafl simulate jobs/esm2_lora_fra ", "{} --rounds 1 " + ESM_SMALL),
+    (r"^\.venv/bin/pharmafl baseline esm ", "{} --rounds 1 " + ESM_SMALL),
+    (r"^\.venv/bin/pharmafl simulate jobs/multitask_secure .*--drop", "{}"),
+    (r"^\.venv/bin/pharmafl simulate jobs/multitask_secure ", "{} --rounds 1"),
+    (r"^\.venv/bin/pharmafl ledger verify ", "{}"),
+    (r"^\.venv/bin/pharmafl poc up ", "{} --port {port}"),
+    (r"^\.venv/bin/pharmafl submit jobs/multitask_fedavg ", None),  # the approved one-round copy, below
+    (r"^\.venv/bin/pharmafl poc (status|down)$", "{}"),
+    (r"^\.venv/bin/pharmafl provision ", "{}"),
+    (r"^\.venv/bin/pharmafl approve JOB$", None),
+]
+
+
+def small(command: str, port: int) -> str:
+    plain = re.sub(r"\s*\[[^\]]*\]", "", command)  # README's [OPTIONAL] parts
+    for pattern, template in RULES:
+        if re.search(pattern, command):
+            if template is not None:
+                return template.format(plain, port=port)
+            if "nvflare simulator" in plain:
+                return plain.replace("jobs/multitask_fedavg", ONE_ROUND_JOB)
+            if plain.startswith(".venv/bin/pharmafl submit"):
+                return plain.replace("jobs/multitask_fedavg", ONE_ROUND_JOB) + " --timeout 900"
+            # approve JOB: the one-round copy, added at every POC site (before the submit above needs it)
+            return f".venv/bin/pharmafl approve {ONE_ROUND_JOB} --add {shlex.quote('$KITS')}"
+    raise AssertionError(f"README command without a smoke-test rule (add one to RULES): {command}")
+
+
+def test_every_readme_command_runs_on_a_small_subset(tmp_path):
+    root = tmp_path / "checkout"
+    root.mkdir()
+    for name in (".venv", "jobs", "poc_workspace"):
+        (root / name).symlink_to(repo_root() / name)
+    (tmp_path / "shared").symlink_to(repo_root().parent / "shared")
+    write_job_copy(repo_root() / "jobs" / "multitask_fedavg", root / "runs" / "smoke_jobs", num_rounds=1)
+    port = free_port()
+    commands = [small(command, port) for command in readme_commands()]
+    # approve (last in README) must come before the submit that needs it, once the POC kits exist
+    approve = next(c for c in commands if " approve " in c)
+    commands.remove(approve)
+    kits = "$(ls -d $NVFLARE_POC_WORKSPACE/*/prod_00/pharma-*/local/approved_jobs.json)"
+    approve = approve.replace(shlex.quote("$KITS"), kits)
+    commands.insert(next(i for i, c in enumerate(commands) if " submit " in c), approve)
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "NVFLARE_POC_WORKSPACE": str(tmp_path / "poc")}
+    lines = ["set -euo pipefail", "trap '.venv/bin/pharmafl poc down >/dev/null 2>&1 || true' EXIT"]
+    for command in commands:
+        lines += [f"echo {shlex.quote('+ ' + command)} >&2", "SECONDS=0", command, 'echo "  ($SECONDS s)" >&2']
+    script = "\n".join(lines) + "\n"
+    (tmp_path / "readme.sh").write_text(script)
+    started = time.perf_counter()
+    done = subprocess.run(["bash", str(tmp_path / "readme.sh")], cwd=root, env=env, capture_output=True, text=True)
+    print(f"{len(commands)} README commands in {time.perf_counter() - started:.0f} s\n{done.stderr[-6000:]}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = root / "runs"
+    for output in (
+        "ws/report/report.md",
+        "esm/report/summary.json",
+        "secure/server/simulate_job/ledger.jsonl",
+        "drops/server/simulate_job/ledger.jsonl",
+        "flare_ws/server/simulate_job/cross_site_val/cross_val_results.json",
+        "submissions.jsonl",
+    ):
+        assert (runs / output).exists(), output
+    assert any(runs.glob("provision/*/prod_*/pharma-a/startup"))
+    assert sorted(p.name for p in root.iterdir()) == [".venv", "jobs", "poc_workspace", "runs"]  # all under runs/
