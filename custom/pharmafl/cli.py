@@ -110,6 +110,9 @@ def cmd_prepare_chem(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_compounds=args.max_compounds,
         compound_overlap=args.compound_overlap,
+        partition=args.partition,
+        library_split=args.library_split,
+        library_sizes=args.library_sizes,
     )
     summary = prepare_chem(args.input or _default_chem_input(), args.out, config, overwrite=args.overwrite)
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
@@ -357,7 +360,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--compound-overlap",
         default="shared",
         choices=["shared", "private"],
-        help="shared: a compound is at every partner with labels on it; private: at one of them (own libraries)",
+        help="--partition assays: shared = a compound is at every partner with labels on it; private = at one",
+    )
+    chem.add_argument(
+        "--partition",
+        default="assays",
+        choices=["assays", "libraries"],
+        help="assays: each assay belongs to one partner; libraries: each compound belongs to one partner's library "
+        "and every partner has its own task for each target it measured on its compounds",
+    )
+    chem.add_argument(
+        "--library-split",
+        default="scaffold",
+        choices=["scaffold", "random"],
+        help="--partition libraries: whole Murcko-scaffold groups per partner (chemically distinct), or random",
+    )
+    chem.add_argument(
+        "--library-sizes",
+        type=_floats,
+        default=None,
+        help="--partition libraries: each partner's share, e.g. 0.5,0.3,0.2 (default: equal)",
     )
     chem.set_defaults(func=cmd_prepare_chem)
 

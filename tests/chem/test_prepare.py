@@ -127,6 +127,9 @@ def test_wide_counts_and_outputs(wide_csv, tmp_path):
         "invalid_smiles": 1,
         "empty_smiles": 1,
         "too_large": 1,
+        "unreadable_standard_form": 0,
+        "fingerprint_failed": 0,
+        "scaffold_failed": 0,
         "non_numeric_values": 2,
         "empty_rows": 2,
         "invalid_qualifiers": 0,
@@ -258,6 +261,9 @@ def test_long_format_with_qualifiers(tmp_path):
         "invalid_smiles": 0,
         "empty_smiles": 1,
         "too_large": 0,
+        "unreadable_standard_form": 0,
+        "fingerprint_failed": 0,
+        "scaffold_failed": 0,
         "non_numeric_values": 1,
         "empty_rows": 2,
         "invalid_qualifiers": 1,
@@ -455,3 +461,83 @@ def test_text_labels_get_one_note_and_a_hint_not_a_note_per_column(tmp_path):
     notes = [m for m in messages if m.startswith("note: ignoring")]
     assert len(notes) == 1 and "316 column(s)" in notes[0] and "and 313 more" in notes[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_molecule_that_fails_any_stage_is_counted_and_skipped_never_an_abort(tmp_path, monkeypatch):
+    import pharmafl.chem.standardize as standardize
+
+    failing = {
+        "c1cccc1": "invalid_smiles",  # unkekulizable aromatic ring as input
+        "C(C)(C)(C)(C)C": "invalid_smiles",  # hypervalent carbon
+        "FAIL": "invalid_smiles",  # a placeholder where a structure should be
+        ".": "invalid_smiles",  # only empty fragments
+        "[cH-]1cccc1": "unreadable_standard_form",  # standardises to c1cccc1, which RDKit cannot read back
+        "CCCCCCCCN": "fingerprint_failed",  # made to fail below, as an RDKit error in that stage would
+        "CCCCCCCCCN": "scaffold_failed",
+    }
+    real_bits, real_scaffold = standardize.ecfp_bits, standardize.murcko_scaffold
+
+    def bits(mol, *args):
+        if standardize.Chem.MolToSmiles(mol) == "CCCCCCCCN":
+            raise RuntimeError("Pre-condition Violation")
+        return real_bits(mol, *args)
+
+    def scaffold(mol):
+        if standardize.Chem.MolToSmiles(mol) == "CCCCCCCCCN":
+            raise ValueError("scaffold")
+        return real_scaffold(mol)
+
+    monkeypatch.setattr(standardize, "ecfp_bits", bits)
+    monkeypatch.setattr(standardize, "murcko_scaffold", scaffold)
+    good = [ASPIRIN, IBUPROFEN, "CCO", "c1ccccc1O"]
+    rows = [(smiles, 1 if i % 2 else 0) for i, smiles in enumerate(good + list(failing))]
+    path = tmp_path / "mixed.csv"
+    pd.DataFrame(rows, columns=["smiles", "BIN"]).to_csv(path, index=False)
+    summary = prepare_chem(str(path), str(tmp_path / "out"), PrepareConfig(sites=["a"], **NO_QUORUM), progress=None)
+    assert summary["compounds"] == len(good)
+    expected = Counter(failing.values())
+    assert {reason: summary["skipped"][reason] for reason in expected} == dict(expected)
+
+
+# --- partners with their own compound libraries -----------------------------------------------------
+
+
+def _scaffold(smiles):
+    return murcko_scaffold(smiles) or f"acyclic:{smiles}"
+
+
+def test_libraries_partition_gives_disjoint_scaffold_libraries_sharing_targets(chembl_csv, tmp_path):
+    sites = ["pharma-a", "pharma-b", "pharma-c"]
+    config = PrepareConfig(sites=sites, max_compounds=4000, partition="libraries", library_sizes=(0.5, 0.3, 0.2))
+    summary = prepare_chem(str(chembl_csv), str(tmp_path / "out"), config, progress=None)
+    members, scaffolds, targets = {}, {}, {}
+    for site in sites:
+        folder = tmp_path / "out" / site
+        data = load_site(str(folder), verify=True)
+        members[site] = set(pd.read_csv(folder / "compounds.csv")["smiles"])
+        scaffolds[site] = {_scaffold(s) for s in members[site]}
+        targets[site] = set(zip(data.tasks["assay"], data.tasks["threshold"], strict=True))
+        assert all(task_id.startswith(f"{site}/") for task_id in data.tasks["task_id"])  # the partner's own ids
+        assert (data.tasks["actives"] >= 10).all() and (data.tasks["inactives"] >= 10).all()  # its own quorum
+        assert json.loads((folder / "manifest.json").read_text())["partition"] == "libraries"
+    for a, b in (("pharma-a", "pharma-b"), ("pharma-b", "pharma-c"), ("pharma-a", "pharma-c")):
+        assert not members[a] & members[b]  # a compound is in one library
+        assert not scaffolds[a] & scaffolds[b]  # chemically distinct: no scaffold in two libraries
+        assert len(targets[a] & targets[b]) >= 10  # the same targets measured on their own compounds
+    partition = summary["partition"]
+    assert partition["kind"] == "libraries" and partition["library_split"] == "scaffold"
+    library = partition["library_compounds"]
+    assert sum(library.values()) == summary["compounds"]
+    shares = [library[site] / summary["compounds"] for site in sites]
+    assert shares == pytest.approx([0.5, 0.3, 0.2], abs=0.02)
+
+
+def test_libraries_work_for_ten_partners_and_a_random_split(chembl_csv, tmp_path):
+    sites = [f"site-{i}" for i in range(1, 11)]
+    config = PrepareConfig(sites=sites, max_compounds=4000, partition="libraries", library_split="random")
+    summary = prepare_chem(str(chembl_csv), str(tmp_path / "out"), config, progress=None)
+    library = summary["partition"]["library_compounds"]
+    assert set(library) == set(sites) and max(library.values()) - min(library.values()) <= 1
+    assert set(summary["sites"]) == set(sites) and all(s["tasks"] > 0 for s in summary["sites"].values())
+    with pytest.raises(UserError, match="--library-sizes needs one positive share per site"):
+        prepare_chem(str(chembl_csv), str(tmp_path / "x"), PrepareConfig(sites=sites, library_sizes=(1.0, 2.0)))

@@ -216,3 +216,13 @@ def test_gpsite_small_round_trips(gpsite_small):
     assert len(common) == summary["common_test"]["chains"] >= 24
     assert sum(seen.values()) == len(seen) == 120
     assert {source for source, _ in seen} == {"ATP_train", "HEM_train"}
+
+
+def test_re_preparing_with_fewer_clients_leaves_exactly_the_new_clients(two_sources, tmp_path):
+    out = tmp_path / "out"
+    prepare_binding_sites(two_sources, str(out), SplitConfig(clients=3), progress=None)
+    with pytest.raises(UserError, match="--overwrite"):
+        prepare_binding_sites(two_sources, str(out), SplitConfig(clients=2), progress=None)
+    assert (out / "site-3").is_dir()
+    prepare_binding_sites(two_sources, str(out), SplitConfig(clients=2), progress=None, overwrite=True)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["common_test", "site-1", "site-2"]

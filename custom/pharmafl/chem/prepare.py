@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from rdkit import Chem
 
-from pharmafl.chem.standardize import ecfp_bits, fold_for_scaffold, murcko_scaffold, standardize_with_reason
+from pharmafl.chem.standardize import FEATURE_FAILURES, features_with_reason, fold_for_scaffold, standardize_with_reason
 from pharmafl.errors import UserError
 from pharmafl.manifest import sha256_file
 from pharmafl.outputs import PREPARATIONS, PREPARE_CHEM, check_output, staged_output
@@ -75,6 +74,12 @@ class PrepareConfig:
     # "shared": a compound is at every partner that has labels on it (public-data style overlap);
     # "private": each compound stays with one of those partners (seeded), like proprietary libraries.
     compound_overlap: str = "shared"
+    # "assays": each assay (all its compounds) belongs to one partner. "libraries": each compound belongs to one
+    # partner's library (by scaffold cluster or at random), and every partner has its own task for every
+    # (target, threshold) it measured on its own compounds, as pharma partners screening the same targets do.
+    partition: str = "assays"
+    library_split: str = "scaffold"  # "scaffold" (whole Murcko-scaffold groups) or "random"
+    library_sizes: tuple[float, ...] | None = None  # one share per site (normalised); None: equal libraries
 
 
 @dataclass
@@ -117,7 +122,8 @@ def prepare_chem(
     checked before the input is read, written next to it and swapped in at the end (see `pharmafl.outputs`).
 
     Returns the summary that is also written to `out_dir/summary.json`. A skipped row is counted once,
-    under the first reason that applies: empty_smiles, empty_rows (no label), invalid_smiles, too_large;
+    under the first reason that applies: empty_smiles, empty_rows (no label), invalid_smiles, too_large,
+    then the featurisation stage that failed (unreadable_standard_form, fingerprint_failed, scaffold_failed);
     non_numeric_values counts cells (in long format, rows). `duplicates_merged` counts records folded
     into an earlier one: rows of the same structure (wide), measurements of the same structure and task
     (long).
@@ -159,21 +165,25 @@ def prepare_chem(
         dtype=np.int8,
     )
     tasks = _threshold_tasks(pairs, labels.assay_binary, labels.assay_names, config.thresholds)
-    stats = _task_statistics(tasks, folds, config)
 
     assays = np.unique(pairs["assay"].to_numpy())  # assays with at least one label left
-    site_of_assay = np.full(len(labels.assay_names), -1)
-    order = np.random.default_rng(config.seed).permutation(len(assays))
-    site_of_assay[assays[order]] = np.arange(len(assays)) % len(config.sites)
-
-    if config.compound_overlap == "private":
-        tasks = _keep_compounds_private(tasks, site_of_assay, len(compounds), len(config.sites), config.seed)
-        stats = _task_statistics(tasks, folds, config)
+    library = None
+    if config.partition == "libraries":
+        library = _library_of_compounds(scaffolds, _library_sizes(config), config.library_split, config.seed)
+        tasks, site_of_task = _split_by_library(tasks, library, config.sites)
+    else:
+        site_of_assay = np.full(len(labels.assay_names), -1)
+        order = np.random.default_rng(config.seed).permutation(len(assays))
+        site_of_assay[assays[order]] = np.arange(len(assays)) % len(config.sites)
+        if config.compound_overlap == "private":
+            tasks = _keep_compounds_private(tasks, site_of_assay, len(compounds), len(config.sites), config.seed)
+        site_of_task = np.array([site_of_assay[task.assay] for task in tasks], dtype=np.int64)
+    stats = _task_statistics(tasks, folds, config)  # the quorums, per partner's own task
 
     site_tasks = {site: [] for site in config.sites}
-    for index, task in enumerate(tasks):
+    for index in range(len(tasks)):
         if stats["train"][index]:
-            site_tasks[config.sites[site_of_assay[task.assay]]].append(index)
+            site_tasks[config.sites[site_of_task[index]]].append(index)
     for site, indices in site_tasks.items():
         if not indices:
             raise UserError(
@@ -216,6 +226,7 @@ def prepare_chem(
                     "invalid_smiles",
                     "empty_smiles",
                     "too_large",
+                    *FEATURE_FAILURES,
                     "non_numeric_values",
                     "empty_rows",
                     "invalid_qualifiers",
@@ -234,6 +245,7 @@ def prepare_chem(
             "tasks_train_quorum": int(stats["train"].sum()),
             "tasks_eval_quorum": int(stats["evaluate"].sum()),
             "sites": site_summaries,
+            "partition": _partition_summary(config, library),
             "config": {
                 **{k: v for k, v in asdict(config).items() if k != "fold_secret"},
                 "thresholds": sorted(config.thresholds),
@@ -251,9 +263,14 @@ def prepare_chem(
 def _validate_config(config: PrepareConfig) -> None:
     if config.compound_overlap not in ("shared", "private"):
         raise UserError(f"compound overlap must be 'shared' or 'private', got '{config.compound_overlap}'.")
+    if config.partition not in PARTITIONS:
+        raise UserError(f"--partition must be one of {', '.join(PARTITIONS)}, got '{config.partition}'.")
+    if config.library_split not in LIBRARY_SPLITS:
+        raise UserError(f"--library-split must be one of {', '.join(LIBRARY_SPLITS)}, got '{config.library_split}'.")
     sites = list(config.sites)
     if not sites:
         raise UserError("Give at least one site name.")
+    _library_sizes(config)
     if len(set(sites)) != len(sites):
         raise UserError(f"Site names must be distinct, got {', '.join(sites)}.")
     for site in sites:
@@ -515,16 +532,19 @@ def _featurize(labels: _Labels, config: PrepareConfig, say: Callable[[str], None
         else:
             if config.max_compounds is not None and len(compounds) >= config.max_compounds:
                 break
-            mol = Chem.MolFromSmiles(canonical)
+            features, reason = features_with_reason(canonical, config.radius, config.n_bits)
+            if features is None:
+                outcome[smiles] = reason
+                continue
             index_of[canonical] = outcome[smiles] = len(compounds)
             compounds.append(canonical)
-            fingerprints.append(ecfp_bits(mol, config.radius, config.n_bits))
-            scaffolds.append(murcko_scaffold(mol))
+            fingerprints.append(features[0])
+            scaffolds.append(features[1])
         if done % PROGRESS_EVERY == 0:
             say(f"featurising {done}/{total} compounds")
 
     row_compound = np.full(len(labels.row_smiles), -1, dtype=np.int64)
-    counts = {"invalid_smiles": 0, "too_large": 0, "rows_beyond_max_compounds": 0}
+    counts = dict.fromkeys(("invalid_smiles", "too_large", *FEATURE_FAILURES, "rows_beyond_max_compounds"), 0)
     for row in np.flatnonzero(labels.usable_rows):
         result = outcome.get(labels.row_smiles[row], "rows_beyond_max_compounds")
         if isinstance(result, str):
@@ -595,6 +615,85 @@ def _threshold_tasks(
                     )
                 )
     return tasks
+
+
+PARTITIONS = ("assays", "libraries")
+LIBRARY_SPLITS = ("scaffold", "random")
+
+
+def _partition_summary(config: PrepareConfig, library: np.ndarray | None) -> dict:
+    """How the partners were simulated; for libraries, each partner's library size (compounds)."""
+    summary = {"kind": config.partition}
+    if library is not None:
+        counts = np.bincount(library, minlength=len(config.sites))
+        summary.update(
+            library_split=config.library_split,
+            library_sizes=[float(x) for x in _library_sizes(config)],
+            library_compounds={site: int(count) for site, count in zip(config.sites, counts, strict=True)},
+        )
+    return summary
+
+
+def _library_sizes(config: PrepareConfig) -> np.ndarray:
+    """Each site's share of the compounds (sums to 1)."""
+    if config.library_sizes is None:
+        return np.full(len(config.sites), 1.0 / len(config.sites))
+    sizes = np.asarray(config.library_sizes, dtype=float)
+    if len(sizes) != len(config.sites) or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
+        shares = list(config.library_sizes)
+        raise UserError(f"--library-sizes needs one positive share per site ({len(config.sites)}), got {shares}.")
+    return sizes / sizes.sum()
+
+
+def _library_of_compounds(scaffolds: list[str], sizes: np.ndarray, split: str, seed: int) -> np.ndarray:
+    """The partner (index) whose library each compound is in, with about ``sizes`` shares of the compounds.
+
+    ``scaffold``: compounds sharing a Murcko scaffold stay together (an acyclic compound is its own group), so
+    the libraries are chemically distinct; the groups, in a seeded random order, go one by one to the partner
+    furthest below its share. ``random``: compounds are dealt at random in those shares.
+    """
+    rng = np.random.default_rng([seed, 2])
+    n = len(scaffolds)
+    if split == "random":
+        owner = np.empty(n, dtype=np.int64)
+        bounds = np.round(np.cumsum(sizes) * n).astype(np.int64)
+        order = rng.permutation(n)
+        for partner, (start, end) in enumerate(zip(np.concatenate([[0], bounds[:-1]]), bounds, strict=True)):
+            owner[order[start:end]] = partner
+        return owner
+    keys = [s if s else f"acyclic:{i}" for i, s in enumerate(scaffolds)]
+    _, group = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    members = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[members], np.arange(group.max() + 1))
+    sizes_of_group = np.diff(np.concatenate([starts, [n]]))
+    owner_of_group = np.empty(len(starts), dtype=np.int64)
+    filled = np.zeros(len(sizes))
+    for g in rng.permutation(len(starts)):
+        partner = int(np.argmin(filled / sizes))  # the partner furthest below its share
+        owner_of_group[g] = partner
+        filled[partner] += sizes_of_group[g]
+    return owner_of_group[group]
+
+
+def _split_by_library(tasks: list[_Task], library: np.ndarray, sites: list[str]) -> tuple[list[_Task], np.ndarray]:
+    """Each task split into one task per partner on that partner's own compounds, under a partner-own task id."""
+    split, owner = [], []
+    for task in tasks:
+        holder = library[task.compound]
+        for partner in np.unique(holder):
+            keep = holder == partner
+            split.append(
+                _Task(
+                    f"{sites[partner]}/{task.task_id}",
+                    task.assay,
+                    task.threshold,
+                    task.compound[keep],
+                    task.label[keep],
+                    task.value[keep],
+                )
+            )
+            owner.append(int(partner))
+    return split, np.asarray(owner, dtype=np.int64)
 
 
 def _keep_compounds_private(
@@ -703,6 +802,7 @@ def _write_site(
         "n_tasks": len(tasks),
         "n_tasks_evaluate": int(table["evaluate"].sum()),
         "n_labels": int(y.nnz),
+        "partition": config.partition,
         "n_bits": config.n_bits,
         "radius": config.radius,
         "n_folds": config.n_folds,

@@ -83,6 +83,33 @@ def murcko_scaffold(mol_or_smiles: Chem.Mol | str) -> str:
     return Chem.MolToSmiles(scaffold, isomericSmiles=False)
 
 
+FEATURE_FAILURES = ("unreadable_standard_form", "fingerprint_failed", "scaffold_failed")
+
+
+def features_with_reason(
+    canonical: str, radius: int = 3, n_bits: int = 32000
+) -> tuple[tuple[np.ndarray, str] | None, str | None]:
+    """(ECFP on-bits, Murcko scaffold) of a standardised SMILES, or (None, the stage that failed).
+
+    Reasons: "unreadable_standard_form" (the standard form does not parse back, e.g. an uncharged
+    cyclopentadienide RDKit cannot kekulize), "fingerprint_failed", "scaffold_failed". A molecule that fails
+    is counted and skipped by the caller, never an abort.
+    """
+    with BlockLogs():
+        mol = Chem.MolFromSmiles(canonical)
+        if mol is None:
+            return None, "unreadable_standard_form"
+        try:
+            bits = ecfp_bits(mol, radius, n_bits)
+        except Exception:  # noqa: BLE001 - RDKit raises several kinds; one molecule must not abort the rest
+            return None, "fingerprint_failed"
+        try:
+            scaffold = murcko_scaffold(mol)
+        except Exception:  # noqa: BLE001
+            return None, "scaffold_failed"
+    return (bits, scaffold), None
+
+
 def fold_for_scaffold(scaffold: str, secret: str, n_folds: int = 5) -> int:
     """Fold of a scaffold: HMAC-SHA256(secret, scaffold), first 8 bytes big-endian, modulo n_folds.
 
