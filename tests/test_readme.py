@@ -58,6 +58,11 @@ RULES = [
     (r"^PHARMAFL_DATA=.*nvflare simulator jobs/multitask_fedavg ", None),  # the one-round copy, below
     (r"^\.venv/bin/pharmafl baseline chem ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl report ", "{}"),
+    (r"^\.venv/bin/pharmafl experiment chem ", "{} --seeds 1 --rounds 1"),
+    (
+        r"^\.venv/bin/pharmafl predict ",
+        "printf 'smiles\\nCCO\\nc1ccccc1O\\nnot a molecule\\n' > runs/new_compounds.csv && {}",
+    ),
     (r"^\.venv/bin/pharmafl bench trunk ", "{} --data runs/data/chem --rounds 1 --workdir runs/bench"),
     (r"^\.venv/bin/pharmafl prepare binding-sites ", "{} --max-chains-per-input 30 --max-length 128"),
     (r"^M=\$\(", "{}"),
@@ -122,6 +127,8 @@ def test_every_readme_command_runs_on_a_small_subset(tmp_path):
         "drops/server/simulate_job/ledger.jsonl",
         "flare_ws/server/simulate_job/cross_site_val/cross_val_results.json",
         "submissions.jsonl",
+        "experiment/summary.json",
+        "preds.csv",
     ):
         assert (runs / output).exists(), output
     assert any(runs.glob("provision/*/prod_*/pharma-a/startup"))

@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from pharmafl.cli import main
@@ -94,3 +95,41 @@ def test_report_on_a_run_without_results_is_exit_2_with_one_sentence(tmp_path, c
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "holds no finished run" in capsys.readouterr().err
+
+
+def test_per_task_comparison_is_melloddys():
+    from scipy.stats import wilcoxon
+
+    from pharmafl.report import per_task_comparison
+
+    single = {f"t{i}": {"auc_pr": 0.5 + 0.01 * i, "auc_roc": 0.7, "train_labels": 10 * (i + 1)} for i in range(20)}
+    federated = {
+        t: {"auc_pr": m["auc_pr"] + (0.05 if i < 15 else -0.01), "auc_roc": 0.72}
+        for i, (t, m) in enumerate(single.items())
+    }
+    result = per_task_comparison(federated, {**single, "only_sp": {"auc_pr": 0.1}})
+    assert result["tasks"] == 20 and result["improved_share"] == 0.75
+    sp = [single[t]["auc_pr"] for t in sorted(single)]
+    mp = [federated[t]["auc_pr"] for t in sorted(single)]
+    assert result["wilcoxon_p"] == pytest.approx(wilcoxon(mp, sp).pvalue) and result["wilcoxon_p"] < 0.05
+    assert result["mean_delta"]["auc_pr"] == pytest.approx((15 * 0.05 - 5 * 0.01) / 20)
+    assert result["mean_delta"]["auc_roc"] == pytest.approx(0.02)
+    expected_riptop = np.mean([(f - s) / (1 - s) for f, s in zip(mp, sp, strict=True)])
+    assert result["riptop_auc_pr"] == pytest.approx(expected_riptop)
+    quartiles = result["by_train_labels"]
+    assert [q["tasks"] for q in quartiles] == [5, 5, 5, 5]
+    assert quartiles[0]["mean_delta_auc_pr"] == pytest.approx(0.05)  # the smallest tasks improved
+    assert quartiles[3]["mean_delta_auc_pr"] == pytest.approx(-0.01)
+    assert per_task_comparison(federated, {}) is None
+
+
+def test_calibrated_auc_pr_is_average_precision_at_the_true_prior():
+    from sklearn.metrics import average_precision_score
+
+    from pharmafl.metrics import calibrated_auc_pr
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(500) < 0.3).astype(int)
+    scores = rng.random(500) + 0.4 * y
+    assert calibrated_auc_pr(y, scores, prior=y.mean()) == pytest.approx(average_precision_score(y, scores))
+    assert calibrated_auc_pr(y, scores) < average_precision_score(y, scores)  # prior 0.1 < the 30% actives

@@ -106,3 +106,73 @@ def test_progress_lines_name_the_site_and_the_loss_reaches_tensorboard(finished_
         assert any(line.startswith(f"progress: {site} round 1 step ") and ", loss " in line for line in shown)
     curves = tensorboard_curves(workspace / "server" / "simulate_job", tag="train/loss")
     assert set(curves) == {"site-1", "site-2"} and all(len(c) == 2 and all(v > 0 for v in c) for c in curves.values())
+
+
+def test_an_experiment_over_seeds_and_the_same_seed_gives_the_same_results(finished_run, chembl_small, tmp_path):
+    # seed 0 is the job's own seeds: the experiment's seed-0 run repeats finished_run exactly (it did not, before
+    # the server's initial trunk was seeded); seed 1 differs
+    from pharmafl.experiment import format_seeds_table, run_chem_experiment
+
+    result = run_chem_experiment(chembl_small, tmp_path / "exp", JOB, seeds=2, rounds=2, progress=lambda _m: None)
+    _, workspace = finished_run
+    first = json.loads((workspace / "server/simulate_job/cross_site_val/cross_val_results.json").read_text())
+    again = json.loads(
+        (tmp_path / "exp/seed-0/federated/server/simulate_job/cross_site_val/cross_val_results.json").read_text()
+    )
+    assert again == first
+    other = json.loads(
+        (tmp_path / "exp/seed-1/federated/server/simulate_job/cross_site_val/cross_val_results.json").read_text()
+    )
+    assert other != first
+    for site in ("site-1", "site-2"):
+        entry = result["sites"][site]
+        assert len(entry["federated_auc_pr"]["values"]) == 2 and entry["federated_auc_pr"]["std"] > 0
+        comparison = entry["per_task"]
+        assert comparison["tasks"] > 10 and 0 <= comparison["wilcoxon_p"] <= 1
+    table = format_seeds_table(result)
+    assert "± " in table and "p (Wilcoxon" in table
+    assert json.loads((tmp_path / "exp" / "summary.json").read_text()) == result
+
+
+def test_predict_round_trip_gives_the_scores_the_report_used(finished_run, chembl_small, tmp_path):
+    # the saved site model scores its own test fold from SMILES alone: the same per-task AUCs as the final
+    # validation (the site's site_metrics.json); a molecule that cannot be featurised keeps its row
+    import pandas as pd
+
+    from pharmafl.chem.dataset import load_site
+    from pharmafl.cli import main
+    from pharmafl.metrics import per_task_auc
+
+    _, workspace = finished_run
+    site_dir = workspace / "site-1" / "simulate_job"
+    data = load_site(str(chembl_small / "site-1"))
+    rows = data.rows_in_folds([int(data.manifest["test_fold"])])
+    smiles = pd.read_csv(chembl_small / "site-1" / "compounds.csv")["smiles"].to_numpy()[rows]
+    pd.DataFrame({"smiles": [*smiles, "not a molecule", "[cH-]1cccc1"]}).to_csv(tmp_path / "new.csv", index=False)
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(site_dir),
+                "--smiles",
+                str(tmp_path / "new.csv"),
+                "--out",
+                str(tmp_path / "preds.csv"),
+            ]
+        )
+        == 0
+    )
+    preds = pd.read_csv(tmp_path / "preds.csv")
+    assert len(preds) == len(rows) + 2
+    assert list(preds["status"].tail(2)) == ["invalid_smiles", "unreadable_standard_form"]
+    task_ids = list(data.tasks["task_id"])
+    scores = preds[task_ids].to_numpy()[: len(rows)]
+    quorum = data.manifest["quorum"]
+    per_task = per_task_auc(
+        data.Y[rows].toarray(), scores, task_ids, quorum["min_eval_actives"], quorum["min_eval_inactives"]
+    )
+    validated = json.loads((site_dir / "site_metrics.json").read_text())["per_task"]
+    assert set(per_task) == set(validated)
+    for task, metrics in per_task.items():
+        assert metrics["auc_pr"] == pytest.approx(validated[task]["auc_pr"], abs=1e-6)

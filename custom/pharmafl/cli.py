@@ -188,6 +188,32 @@ def cmd_baseline_esm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment_chem(args: argparse.Namespace) -> int:
+    from pharmafl.experiment import format_seeds_table, run_chem_experiment
+
+    result = run_chem_experiment(
+        args.data,
+        args.out,
+        args.job,
+        args.seeds,
+        args.rounds,
+        args.baseline_rounds,
+        args.overwrite,
+        progress=lambda message: print(message, flush=True),
+    )
+    print(format_seeds_table(result))
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pharmafl.chem.predict import predict_smiles_file
+
+    scored, skipped = predict_smiles_file(args.model, args.smiles, args.out, args.smiles_col)
+    print(f"scored {scored} molecules, {skipped} could not be featurised (their rows say why); wrote {args.out}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pharmafl.report import write_report
 
@@ -445,6 +471,30 @@ def build_parser() -> argparse.ArgumentParser:
     baseline_esm.add_argument("--model", default=None, help="hub name or local folder of the base model")
     _add_executor_overrides(baseline_esm)
     baseline_esm.set_defaults(func=cmd_baseline_esm)
+
+    experiment = commands.add_parser("experiment", help="comparisons over seeds").add_subparsers(
+        dest="kind", required=True
+    )
+    experiment_chem = experiment.add_parser(
+        "chem", help="the federated job and the single-partner baseline per seed; mean ± std and per-task tests"
+    )
+    experiment_chem.add_argument("--data", required=True, help="output of `pharmafl prepare chem`")
+    experiment_chem.add_argument("--out", required=True, help="output folder (one subfolder per seed)")
+    experiment_chem.add_argument("--job", default=str(DEFAULT_JOB), help="the multi-task job")
+    experiment_chem.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    experiment_chem.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the job's)")
+    experiment_chem.add_argument(
+        "--baseline-rounds", type=int, default=None, help="single-partner rounds (default: the federated rounds)"
+    )
+    _add_overwrite(experiment_chem, "an earlier experiment in --out")
+    experiment_chem.set_defaults(func=cmd_experiment_chem)
+
+    predict = commands.add_parser("predict", help="score new molecules with a partner's final model (trunk + head)")
+    predict.add_argument("--model", required=True, help="the site's local_model.pt (or its run folder)")
+    predict.add_argument("--smiles", required=True, help="CSV with a SMILES column")
+    predict.add_argument("--smiles-col", default="smiles", help="the SMILES column")
+    predict.add_argument("--out", required=True, help="output CSV: one probability column per task")
+    predict.set_defaults(func=cmd_predict)
 
     report = commands.add_parser("report", help="summary.json, report.md and plots of a finished run")
     report.add_argument("workspace")

@@ -13,12 +13,39 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+CALIBRATION_PRIOR = 0.1  # SparseChem's calibrated AUC-PR: precision as if 10% of the compounds were active
+
+
+def calibrated_auc_pr(y_true: np.ndarray, scores: np.ndarray, prior: float = CALIBRATION_PRIOR) -> float:
+    """Average precision with calibrated precision (Siblini et al. 2020, as SparseChem reports it).
+
+    Precision at each threshold is recomputed as if the positives were a ``prior`` share of the compounds,
+    prior * TPR / (prior * TPR + (1 - prior) * FPR), so tasks with different active rates compare.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")
+    hits = y_true[order]
+    positives, negatives = hits.sum(), (~hits).sum()
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    true_positives, false_positives = np.cumsum(hits), np.cumsum(~hits)
+    # one point per distinct score: the last position of each tie block
+    scores_sorted = np.asarray(scores, dtype=float)[order]
+    last = np.r_[np.flatnonzero(np.diff(scores_sorted)), len(scores_sorted) - 1]
+    tpr, fpr = true_positives[last] / positives, false_positives[last] / negatives
+    precision = prior * tpr / (prior * tpr + (1 - prior) * fpr)
+    recall_steps = np.diff(np.r_[0.0, tpr])
+    return float(np.sum(recall_steps * precision))
+
 
 def binary_auc(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """AUC-ROC and AUC-PR (average precision) of one task; y_true is 0/1."""
+    """AUC-ROC, AUC-PR (average precision), calibrated AUC-PR and Brier score of one task; y_true is 0/1."""
+    scores = np.asarray(scores, dtype=float)
     return {
         "auc_roc": float(roc_auc_score(y_true, scores)),
         "auc_pr": float(average_precision_score(y_true, scores)),
+        "auc_pr_cal": calibrated_auc_pr(y_true, scores),
+        "brier": float(np.mean((scores - np.asarray(y_true, dtype=float)) ** 2)),
     }
 
 
@@ -42,14 +69,12 @@ def per_task_auc(
 
 
 def summarize(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Mean AUC-ROC and AUC-PR over evaluated tasks (NaN when none passed the quorum)."""
+    """Means over the evaluated tasks of AUC-ROC, AUC-PR, calibrated AUC-PR and Brier (NaN when none passed)."""
+    names = ("auc_roc", "auc_pr", "auc_pr_cal", "brier")
     if not per_task:
-        return {"auc_roc": float("nan"), "auc_pr": float("nan"), "tasks_evaluated": 0}
-    return {
-        "auc_roc": float(np.mean([m["auc_roc"] for m in per_task.values()])),
-        "auc_pr": float(np.mean([m["auc_pr"] for m in per_task.values()])),
-        "tasks_evaluated": len(per_task),
-    }
+        return {**dict.fromkeys(names, float("nan")), "tasks_evaluated": 0}
+    means = {name: float(np.nanmean([m.get(name, np.nan) for m in per_task.values()])) for name in names}
+    return {**means, "tasks_evaluated": len(per_task)}
 
 
 def token_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:

@@ -115,12 +115,52 @@ def _pick(metrics: dict) -> dict:
     return {"auc_roc": metrics.get("auc_roc"), "auc_pr": metrics.get("auc_pr")}
 
 
-def _per_task_delta(federated: dict, single: dict) -> float | None:
-    """Mean over the tasks both scored of federated minus single-partner AUC-PR (None: no per-task results)."""
+PER_TASK_METRICS = ("auc_roc", "auc_pr", "auc_pr_cal", "brier")
+
+
+def per_task_comparison(federated: dict, single: dict) -> dict | None:
+    """MELLODDY's per-task comparison of the multi-partner (MP) and single-partner (SP) models at one partner.
+
+    Over the tasks both scored (the partner's evaluation quorum): the mean MP - SP of each metric (Brier: lower
+    is better), the mean relative improvement to perfect of AUC-PR ((MP - SP) / (1 - SP), MELLODDY's "RIPtoP"),
+    the share of tasks whose AUC-PR improved, the paired Wilcoxon signed-rank test over tasks on AUC-PR
+    (two-sided p), and the mean AUC-PR delta by quartile of the tasks' training labels. None: no shared tasks.
+    """
+    from scipy.stats import wilcoxon
+
     tasks = sorted(set(federated) & set(single))
     if not tasks:
         return None
-    return float(np.mean([federated[t]["auc_pr"] - single[t]["auc_pr"] for t in tasks]))
+    mp = {name: np.array([federated[t].get(name, np.nan) for t in tasks], dtype=float) for name in PER_TASK_METRICS}
+    sp = {name: np.array([single[t].get(name, np.nan) for t in tasks], dtype=float) for name in PER_TASK_METRICS}
+    delta = mp["auc_pr"] - sp["auc_pr"]
+    headroom = 1.0 - sp["auc_pr"]
+    riptop = np.divide(delta, headroom, out=np.full_like(delta, np.nan), where=headroom > 0)
+    p_value = None
+    if len(tasks) >= 2 and np.any(delta != 0):
+        p_value = float(wilcoxon(mp["auc_pr"], sp["auc_pr"]).pvalue)
+    result = {
+        "tasks": len(tasks),
+        "mean_delta": {name: float(np.nanmean(mp[name] - sp[name])) for name in PER_TASK_METRICS},
+        "riptop_auc_pr": float(np.nanmean(riptop)) if np.isfinite(riptop).any() else None,
+        "improved_share": float(np.mean(delta > 0)),
+        "wilcoxon_p": p_value,
+    }
+    sizes = np.array([single[t].get("train_labels", federated[t].get("train_labels", -1)) for t in tasks], float)
+    if np.all(sizes >= 0) and len(tasks) >= 4:
+        edges = np.quantile(sizes, [0, 0.25, 0.5, 0.75, 1])
+        quartile = np.clip(np.searchsorted(edges[1:-1], sizes, side="right"), 0, 3)
+        result["by_train_labels"] = [
+            {
+                "quartile": q + 1,
+                "train_labels": [int(sizes[quartile == q].min()), int(sizes[quartile == q].max())],
+                "tasks": int((quartile == q).sum()),
+                "mean_delta_auc_pr": float(delta[quartile == q].mean()),
+            }
+            for q in range(4)
+            if (quartile == q).any()
+        ]
+    return result
 
 
 def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None) -> dict:
@@ -148,7 +188,9 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
             entry["delta"] = {k: entry["federated"][k] - entry["single_partner"][k] for k in ("auc_roc", "auc_pr")}
             # Per-task results stay at the site; a server-side result carries them only from older jobs.
             federated_per_task = (site_metrics(run_dir, site) or final[site]).get("per_task", {})
-            entry["mean_per_task_delta_auc_pr"] = _per_task_delta(federated_per_task, single.get("per_task", {}))
+            comparison = per_task_comparison(federated_per_task, single.get("per_task", {}))
+            entry["per_task"] = comparison
+            entry["mean_per_task_delta_auc_pr"] = None if comparison is None else comparison["mean_delta"]["auc_pr"]
         sites[site] = entry
     deltas = [entry["delta"]["auc_pr"] for entry in sites.values() if "delta" in entry]
     rounds = {"federated": federated_rounds(run_dir)}
@@ -163,9 +205,9 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
 def format_table(summary: dict) -> str:
     header = (
         "| site | tasks | federated AUC-ROC | federated AUC-PR "
-        "| single-partner AUC-ROC | single-partner AUC-PR | delta AUC-PR |"
+        "| single-partner AUC-ROC | single-partner AUC-PR | delta AUC-PR | tasks improved | p (Wilcoxon) |"
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def fmt(value) -> str:
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
@@ -176,7 +218,8 @@ def format_table(summary: dict) -> str:
         lines.append(
             f"| {site} | {entry['tasks_evaluated']} | {fmt(entry['federated']['auc_roc'])} | "
             f"{fmt(entry['federated']['auc_pr'])} | {fmt(single.get('auc_roc'))} | {fmt(single.get('auc_pr'))} | "
-            f"{'n/a' if delta is None else f'{delta:+.4f}'} |"
+            f"{'n/a' if delta is None else f'{delta:+.4f}'} | {_improved(entry.get('per_task'))} | "
+            f"{_p_value(entry.get('per_task'))} |"
         )
     if "federated_beats_single_partner_everywhere" in summary:
         verdict = "yes" if summary["federated_beats_single_partner_everywhere"] else "no"
@@ -187,6 +230,18 @@ def format_table(summary: dict) -> str:
     if note:
         lines.append(note)
     return "\n".join(lines)
+
+
+def _improved(comparison: dict | None) -> str:
+    if not comparison:
+        return "n/a"
+    return f"{round(comparison['improved_share'] * comparison['tasks'])}/{comparison['tasks']}"
+
+
+def _p_value(comparison: dict | None) -> str:
+    if not comparison or comparison.get("wilcoxon_p") is None:
+        return "n/a"
+    return f"{comparison['wilcoxon_p']:.2g}"
 
 
 def plot_curves(summary: dict, path: Path) -> None:

@@ -805,6 +805,7 @@ def _write_site(
         "partition": config.partition,
         "n_bits": config.n_bits,
         "radius": config.radius,
+        "max_heavy_atoms": config.max_heavy_atoms,
         "n_folds": config.n_folds,
         "test_fold": config.test_fold,
         "thresholds": sorted(config.thresholds),

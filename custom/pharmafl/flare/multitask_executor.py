@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -11,6 +12,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from pharmafl.chem.dataset import load_site
+from pharmafl.chem.predict import MODEL_CARD, model_card
 from pharmafl.errors import UserError
 from pharmafl.flare.site_executor import SiteTrainingExecutor, site_data_dir
 from pharmafl.models.multitask import trunk_geometry
@@ -98,7 +100,10 @@ class MultiTaskExecutor(SiteTrainingExecutor):
     def save_final(self, trainer: MultiTaskTrainer, fl_ctx: FLContext) -> None:
         path = os.path.join(self.run_dir, FINAL_MODEL_FILE)
         torch.save(trainer.model.state_dict(), path)
-        self.log_info(fl_ctx, f"saved this site's final model (trunk + private head) to {path}")
+        card = model_card(trainer.data, trainer.model.trunk.hidden_sizes, self.config.dropout)
+        with open(os.path.join(self.run_dir, MODEL_CARD), "w") as f:
+            json.dump(card, f, indent=2)
+        self.log_info(fl_ctx, f"saved this site's final model (trunk + private head) to {path}, for `pharmafl predict`")
 
     def _new_trainer(self, global_trunk: dict, fl_ctx: FLContext) -> MultiTaskTrainer:
         site = fl_ctx.get_identity_name()

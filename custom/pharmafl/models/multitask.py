@@ -36,6 +36,7 @@ class Trunk(nn.Module):
         layers += [nn.ReLU(), nn.Dropout(dropout)]
         self.layers = nn.Sequential(*layers)
         self.output_size = hidden_sizes[-1]
+        self.hidden_sizes = [int(h) for h in hidden_sizes]
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.layers(self.input(indices, offsets) + self.input_bias)
@@ -44,9 +45,16 @@ class Trunk(nn.Module):
 class TrunkModel(nn.Module):
     """The shared part alone, with the same parameter names as in ``MultiTaskNet``: what the server holds."""
 
-    def __init__(self, n_features: int = 32000, hidden_sizes: Sequence[int] = (400,), dropout: float = 0.2):
+    def __init__(
+        self, n_features: int = 32000, hidden_sizes: Sequence[int] = (400,), dropout: float = 0.2, seed: int | None = 0
+    ):
+        """``seed`` fixes the initial trunk (None: torch's global generator), so that a job's run repeats exactly:
+        the server builds this model once per run, and an unseeded start made two runs of a job differ."""
         super().__init__()
-        self.trunk = Trunk(n_features, hidden_sizes, dropout)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.trunk = Trunk(n_features, hidden_sizes, dropout)
 
 
 class MultiTaskNet(nn.Module):

@@ -163,6 +163,11 @@ class MultiTaskTrainer:
             quorum.get("min_eval_actives", 5),
             quorum.get("min_eval_inactives", 5),
         )
+        # the task's training labels: MELLODDY's gains were largest for tasks with little data
+        train_labels = np.asarray(self.data.Y[self.train_rows].getnnz(axis=0)).ravel()
+        column = {task_id: i for i, task_id in enumerate(self.data.tasks["task_id"])}
+        for task_id, metrics in per_task.items():
+            metrics["train_labels"] = int(train_labels[column[task_id]])
         return {**summarize(per_task), "per_task": per_task}
 
     def trunk_weights(self) -> dict[str, np.ndarray]:

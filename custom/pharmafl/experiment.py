@@ -1,0 +1,165 @@
+"""The multi-task comparison over seeds: the federated job and the single-partner baseline, once per seed.
+
+Each seed fixes everything random on both sides (the server's initial trunk, every partner's head, batches and
+dropout). Each figure is reported as mean and standard deviation over the seeds. Each partner's paired test runs
+over its tasks on the seed-averaged per-task AUC-PR, as MELLODDY compared multi- and single-partner models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pharmafl.baseline import run_single_partner
+from pharmafl.errors import UserError
+from pharmafl.jobs import SERVER_CONFIG, find_component, read_json, write_job_copy
+from pharmafl.outputs import check_output, staged_output
+from pharmafl.report import build_summary, per_task_comparison, site_metrics
+from pharmafl.simulate import run_simulator
+
+EXPERIMENT = "experiment chem"
+
+
+def seeded_job(job_dir: str | Path, out_dir: Path, seed: int, rounds: int | None, sites: int) -> Path:
+    """A copy of the job whose initial trunk and site training use ``seed``."""
+    job = write_job_copy(job_dir, out_dir, rounds, sites, {"seed": seed})
+    server = read_json(job / SERVER_CONFIG)
+    find_component(server, "persistor")["args"]["model"]["args"]["seed"] = seed
+    (job / SERVER_CONFIG).write_text(json.dumps(server, indent=2) + "\n")
+    return job
+
+
+def run_chem_experiment(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    job_dir: str | Path,
+    seeds: int = 3,
+    rounds: int | None = None,
+    baseline_rounds: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Federated and single-partner runs for seeds 0..seeds-1 under ``out_dir``; returns (and writes) the summary."""
+    from pharmafl.jobs import prepared_sites
+
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    sites = prepared_sites(data_dir)
+    check_output(out_dir, (EXPERIMENT,), overwrite, "--out", reads=[data_dir, job_dir])
+    with staged_output(out_dir, EXPERIMENT) as out:
+        per_seed = []
+        for seed in range(seeds):
+            folder = out / f"seed-{seed}"
+            job = seeded_job(job_dir, folder, seed, rounds, len(sites))
+            progress(f"seed {seed}: federated run")
+            workspace = folder / "federated"
+            run_simulator(job, data_dir, workspace, quiet=True)
+            progress(f"seed {seed}: single-partner baseline")
+            job_rounds = read_json(job / SERVER_CONFIG)["num_rounds"]
+            run_single_partner(
+                data_dir, folder / "single_partner", job, baseline_rounds or job_rounds, lambda _m: None, {"seed": seed}
+            )
+            summary = build_summary(workspace, folder / "single_partner")
+            summary["per_task_federated"] = _federated_per_task(workspace, summary)
+            summary["per_task_single"] = {
+                site: result.get("per_task", {})
+                for site, result in json.loads((folder / "single_partner" / "summary.json").read_text())[
+                    "sites"
+                ].items()
+            }
+            per_seed.append(summary)
+        result = combine_seeds(per_seed)
+        result["rounds"] = per_seed[0]["rounds"]
+        (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "report.md").write_text(f"# Multi-task comparison over {seeds} seeds\n\n{format_seeds_table(result)}\n")
+    return result
+
+
+def _federated_per_task(workspace: Path, summary: dict) -> dict[str, dict]:
+    run_dir = Path(summary["run_dir"])
+    return {site: (site_metrics(run_dir, site) or {}).get("per_task", {}) for site in summary["sites"]}
+
+
+def combine_seeds(per_seed: list[dict]) -> dict:
+    """Mean and std over seeds of each partner's AUC-PR (federated, single-partner, delta), and the paired test
+    over its tasks on the seed-averaged per-task AUC-PR."""
+    sites = sorted(set.intersection(*(set(s["sites"]) for s in per_seed)))
+    combined = {}
+    for site in sites:
+        federated = [s["sites"][site]["federated"]["auc_pr"] for s in per_seed]
+        single = [s["sites"][site].get("single_partner", {}).get("auc_pr", math.nan) for s in per_seed]
+        delta = np.subtract(federated, single)
+        combined[site] = {
+            "federated_auc_pr": _mean_std(federated),
+            "single_partner_auc_pr": _mean_std(single),
+            "delta_auc_pr": _mean_std(delta),
+            "per_task": per_task_comparison(
+                _seed_mean([s["per_task_federated"].get(site, {}) for s in per_seed]),
+                _seed_mean([s["per_task_single"].get(site, {}) for s in per_seed]),
+            ),
+        }
+    deltas = [entry["delta_auc_pr"]["mean"] for entry in combined.values()]
+    p_values = [(entry["per_task"] or {}).get("wilcoxon_p") for entry in combined.values()]
+    return {
+        "seeds": len(per_seed),
+        "sites": combined,
+        "federated_beats_single_partner_everywhere": bool(deltas and min(deltas) > 0),
+        "significant_everywhere": bool(p_values and all(p is not None and p < 0.05 for p in p_values)),
+    }
+
+
+def _mean_std(values) -> dict:
+    values = np.asarray(values, dtype=float)
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "values": [float(v) for v in values],
+    }
+
+
+def _seed_mean(per_task_by_seed: list[dict]) -> dict:
+    """Per task, the mean over seeds of each metric (tasks scored under every seed)."""
+    tasks = set.intersection(*(set(p) for p in per_task_by_seed)) if per_task_by_seed else set()
+    return {
+        task: {
+            name: float(np.mean([p[task][name] for p in per_task_by_seed]))
+            for name in per_task_by_seed[0][task]
+            if all(isinstance(p[task].get(name), int | float) for p in per_task_by_seed)
+        }
+        for task in tasks
+    }
+
+
+def format_seeds_table(result: dict) -> str:
+    lines = [
+        f"| site | federated AUC-PR | single-partner AUC-PR | delta (mean ± std over {result['seeds']} seeds) "
+        "| tasks improved | p (Wilcoxon, seed-averaged tasks) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for site, entry in result["sites"].items():
+        comparison = entry["per_task"] or {}
+        improved = (
+            f"{round(comparison['improved_share'] * comparison['tasks'])}/{comparison['tasks']}"
+            if comparison
+            else "n/a"
+        )
+        p_value = comparison.get("wilcoxon_p")
+        lines.append(
+            f"| {site} | {_fmt(entry['federated_auc_pr'])} | {_fmt(entry['single_partner_auc_pr'])} | "
+            f"{entry['delta_auc_pr']['mean']:+.4f} ± {entry['delta_auc_pr']['std']:.4f} | {improved} | "
+            f"{'n/a' if p_value is None else f'{p_value:.2g}'} |"
+        )
+    above = "yes" if result["federated_beats_single_partner_everywhere"] else "no"
+    significant = "yes" if result["significant_everywhere"] else "no"
+    lines.append(
+        f"\nFederated above single-partner at every site: {above}; per-task test p < 0.05 at every site: {significant}"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(stats: dict) -> str:
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f}"
