@@ -129,8 +129,11 @@ def test_an_experiment_over_seeds_and_the_same_seed_gives_the_same_results(finis
         assert len(entry["federated_auc_pr"]["values"]) == 2 and entry["federated_auc_pr"]["std"] > 0
         comparison = entry["per_task"]
         assert comparison["tasks"] > 10 and 0 <= comparison["wilcoxon_p"] <= 1
+        for side in ("federated", "single_partner"):  # conformal sets on the test fold, MP and SP
+            for level in ("0.8", "0.9"):
+                assert 0 < entry["conformal"][side][level]["validity"] <= 1
     table = format_seeds_table(result)
-    assert "± " in table and "p (Wilcoxon" in table
+    assert "± " in table and "p (Wilcoxon" in table and "Conformal efficiency" in table
     assert json.loads((tmp_path / "exp" / "summary.json").read_text()) == result
 
 

@@ -18,10 +18,11 @@ from pharmafl.baseline import run_single_partner
 from pharmafl.errors import UserError
 from pharmafl.jobs import SERVER_CONFIG, find_component, read_json, write_job_copy
 from pharmafl.outputs import check_output, staged_output
-from pharmafl.report import build_summary, per_task_comparison, site_metrics
+from pharmafl.report import build_summary, improved_cell, p_value_cell, per_task_comparison, site_metrics
 from pharmafl.simulate import run_simulator
 
 EXPERIMENT = "experiment chem"
+CONFORMAL_LEVELS = ("0.8", "0.9")
 
 
 def seeded_job(job_dir: str | Path, out_dir: Path, seed: int, rounds: int | None, sites: int) -> Path:
@@ -102,6 +103,19 @@ def combine_seeds(per_seed: list[dict]) -> dict:
                 _seed_mean([s["per_task_single"].get(site, {}) for s in per_seed]),
             ),
         }
+        conformal = [s["sites"][site].get("conformal") for s in per_seed]
+        if all(conformal):
+            combined[site]["conformal"] = {
+                side: {
+                    level: {
+                        metric: float(np.mean([c[side][level][metric] for c in conformal]))
+                        for metric in ("efficiency", "validity")
+                    }
+                    for level in CONFORMAL_LEVELS
+                }
+                for side in ("federated", "single_partner")
+                if all(c.get(side) for c in conformal)
+            }
     deltas = [entry["delta_auc_pr"]["mean"] for entry in combined.values()]
     p_values = [(entry["per_task"] or {}).get("wilcoxon_p") for entry in combined.values()]
     return {
@@ -141,18 +155,28 @@ def format_seeds_table(result: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for site, entry in result["sites"].items():
-        comparison = entry["per_task"] or {}
-        improved = (
-            f"{round(comparison['improved_share'] * comparison['tasks'])}/{comparison['tasks']}"
-            if comparison
-            else "n/a"
-        )
-        p_value = comparison.get("wilcoxon_p")
         lines.append(
             f"| {site} | {_fmt(entry['federated_auc_pr'])} | {_fmt(entry['single_partner_auc_pr'])} | "
-            f"{entry['delta_auc_pr']['mean']:+.4f} ± {entry['delta_auc_pr']['std']:.4f} | {improved} | "
-            f"{'n/a' if p_value is None else f'{p_value:.2g}'} |"
+            f"{entry['delta_auc_pr']['mean']:+.4f} ± {entry['delta_auc_pr']['std']:.4f} | "
+            f"{improved_cell(entry['per_task'])} | {p_value_cell(entry['per_task'])} |"
         )
+    conformal = {site: entry["conformal"] for site, entry in result["sites"].items() if entry.get("conformal")}
+    if conformal:
+        lines += [
+            "\nConformal efficiency (share of single-label sets) and validity, test fold, calibrated on the "
+            "validation fold, mean over seeds:\n",
+            "| site | confidence | federated efficiency | single-partner efficiency | federated validity "
+            "| single-partner validity |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for site, sides in conformal.items():
+            for level in CONFORMAL_LEVELS:
+                mp, sp = sides.get("federated", {}).get(level), sides.get("single_partner", {}).get(level)
+                if mp and sp:
+                    lines.append(
+                        f"| {site} | {level} | {mp['efficiency']:.4f} | {sp['efficiency']:.4f} | "
+                        f"{mp['validity']:.4f} | {sp['validity']:.4f} |"
+                    )
     above = "yes" if result["federated_beats_single_partner_everywhere"] else "no"
     significant = "yes" if result["significant_everywhere"] else "no"
     lines.append(

@@ -188,6 +188,9 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
             entry["delta"] = {k: entry["federated"][k] - entry["single_partner"][k] for k in ("auc_roc", "auc_pr")}
             # Per-task results stay at the site; a server-side result carries them only from older jobs.
             federated_per_task = (site_metrics(run_dir, site) or final[site]).get("per_task", {})
+            federated_conformal = (site_metrics(run_dir, site) or final[site]).get("conformal")
+            if federated_conformal or single.get("conformal"):
+                entry["conformal"] = {"federated": federated_conformal, "single_partner": single.get("conformal")}
             comparison = per_task_comparison(federated_per_task, single.get("per_task", {}))
             entry["per_task"] = comparison
             entry["mean_per_task_delta_auc_pr"] = None if comparison is None else comparison["mean_delta"]["auc_pr"]
@@ -218,8 +221,8 @@ def format_table(summary: dict) -> str:
         lines.append(
             f"| {site} | {entry['tasks_evaluated']} | {fmt(entry['federated']['auc_roc'])} | "
             f"{fmt(entry['federated']['auc_pr'])} | {fmt(single.get('auc_roc'))} | {fmt(single.get('auc_pr'))} | "
-            f"{'n/a' if delta is None else f'{delta:+.4f}'} | {_improved(entry.get('per_task'))} | "
-            f"{_p_value(entry.get('per_task'))} |"
+            f"{'n/a' if delta is None else f'{delta:+.4f}'} | {improved_cell(entry.get('per_task'))} | "
+            f"{p_value_cell(entry.get('per_task'))} |"
         )
     if "federated_beats_single_partner_everywhere" in summary:
         verdict = "yes" if summary["federated_beats_single_partner_everywhere"] else "no"
@@ -232,13 +235,13 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _improved(comparison: dict | None) -> str:
+def improved_cell(comparison: dict | None) -> str:
     if not comparison:
         return "n/a"
     return f"{round(comparison['improved_share'] * comparison['tasks'])}/{comparison['tasks']}"
 
 
-def _p_value(comparison: dict | None) -> str:
+def p_value_cell(comparison: dict | None) -> str:
     if not comparison or comparison.get("wilcoxon_p") is None:
         return "n/a"
     return f"{comparison['wilcoxon_p']:.2g}"

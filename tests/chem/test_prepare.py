@@ -541,3 +541,24 @@ def test_libraries_work_for_ten_partners_and_a_random_split(chembl_csv, tmp_path
     assert set(summary["sites"]) == set(sites) and all(s["tasks"] > 0 for s in summary["sites"].values())
     with pytest.raises(UserError, match="--library-sizes needs one positive share per site"):
         prepare_chem(str(chembl_csv), str(tmp_path / "x"), PrepareConfig(sites=sites, library_sizes=(1.0, 2.0)))
+
+
+def test_a_moleculenet_layout_file_with_failing_molecules_prepares_without_code_changes(chembl_csv, tmp_path):
+    # Tox21-style layout built from ChEMBL's columns: an id column, SMILES, one 0/1 column per target (empty = not
+    # measured), and molecules that fail standardisation among them
+    frame = pd.read_csv(chembl_csv, nrows=3000)
+    targets = [c for c in frame.columns if c != "smiles"][:60]
+    binary = frame[targets].apply(lambda column: column.map(lambda v: "" if pd.isna(v) else str(int(v >= 6.5))))
+    layout = pd.concat(
+        [pd.Series([f"MOL{i:05d}" for i in range(len(frame))], name="mol_id"), frame["smiles"], binary], axis=1
+    )
+    bad = pd.DataFrame({"mol_id": ["BAD1", "BAD2", "BAD3"], "smiles": ["[cH-]1cccc1", "FAIL", "C(C)(C)(C)(C)C"]})
+    for target in targets:
+        bad[target] = "1"
+    path = tmp_path / "moleculenet_style.csv"
+    pd.concat([layout, bad]).to_csv(path, index=False)
+    config = PrepareConfig(sites=["a", "b"], partition="libraries", min_train_actives=5, min_train_inactives=5)
+    summary = prepare_chem(str(path), str(tmp_path / "out"), config, progress=None)
+    assert summary["skipped"]["unreadable_standard_form"] == 1 and summary["skipped"]["invalid_smiles"] == 2
+    assert summary["ignored_columns"] == ["mol_id"] and summary["binary_assays"] > 0
+    assert all(site["tasks"] > 0 for site in summary["sites"].values())

@@ -15,6 +15,7 @@ import torch
 from scipy import sparse
 
 from pharmafl.chem.dataset import SiteData
+from pharmafl.conformal import conformal_summary
 from pharmafl.metrics import per_task_auc, summarize
 from pharmafl.models.multitask import MultiTaskNet
 from pharmafl.training.progress import StepCallback
@@ -156,9 +157,10 @@ class MultiTaskTrainer:
         rows = self.data.rows_in_folds([fold])
         # The evaluation quorum the data was prepared with, applied to the fold scored.
         quorum = self.data.manifest.get("quorum", {})
+        scores = self.predict(rows)
         per_task = per_task_auc(
             self.data.Y[rows].toarray(),
-            self.predict(rows),
+            scores,
             list(self.data.tasks["task_id"]),
             quorum.get("min_eval_actives", 5),
             quorum.get("min_eval_inactives", 5),
@@ -168,7 +170,14 @@ class MultiTaskTrainer:
         column = {task_id: i for i, task_id in enumerate(self.data.tasks["task_id"])}
         for task_id, metrics in per_task.items():
             metrics["train_labels"] = int(train_labels[column[task_id]])
-        return {**summarize(per_task), "per_task": per_task}
+        result = {**summarize(per_task), "per_task": per_task}
+        if fold == self.test_fold:  # conformal sets on the test fold, calibrated on the validation fold
+            calibration = self.data.rows_in_folds([self.config.validation_fold])
+            result["conformal"] = conformal_summary(
+                (self.data.Y[calibration].toarray(), self.predict(calibration)),
+                (self.data.Y[rows].toarray(), scores),
+            )
+        return result
 
     def trunk_weights(self) -> dict[str, np.ndarray]:
         return self.model.trunk_state()
