@@ -16,7 +16,7 @@ import numpy as np
 
 from pharmafl.baseline import run_single_partner
 from pharmafl.errors import UserError
-from pharmafl.jobs import SERVER_CONFIG, find_component, read_json, write_job_copy
+from pharmafl.jobs import SERVER_CONFIG, find_component, prepared_sites, read_json, write_job_copy
 from pharmafl.outputs import check_output, staged_output
 from pharmafl.report import build_summary, improved_cell, p_value_cell, per_task_comparison, site_metrics
 from pharmafl.simulate import run_simulator
@@ -45,8 +45,6 @@ def run_chem_experiment(
     progress: Callable[[str], None] = print,
 ) -> dict:
     """Federated and single-partner runs for seeds 0..seeds-1 under ``out_dir``; returns (and writes) the summary."""
-    from pharmafl.jobs import prepared_sites
-
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     sites = prepared_sites(data_dir)
@@ -65,7 +63,7 @@ def run_chem_experiment(
                 data_dir, folder / "single_partner", job, baseline_rounds or job_rounds, lambda _m: None, {"seed": seed}
             )
             summary = build_summary(workspace, folder / "single_partner")
-            summary["per_task_federated"] = _federated_per_task(workspace, summary)
+            summary["per_task_federated"] = _federated_per_task(summary)
             summary["per_task_single"] = {
                 site: result.get("per_task", {})
                 for site, result in json.loads((folder / "single_partner" / "summary.json").read_text())[
@@ -80,7 +78,7 @@ def run_chem_experiment(
     return result
 
 
-def _federated_per_task(workspace: Path, summary: dict) -> dict[str, dict]:
+def _federated_per_task(summary: dict) -> dict[str, dict]:
     run_dir = Path(summary["run_dir"])
     return {site: (site_metrics(run_dir, site) or {}).get("per_task", {}) for site in summary["sites"]}
 

@@ -118,6 +118,12 @@ def _pick(metrics: dict) -> dict:
 PER_TASK_METRICS = ("auc_roc", "auc_pr", "auc_pr_cal", "brier")
 
 
+def _finite_mean(values: np.ndarray) -> float:
+    """Mean over the finite values (NaN: a metric no task carries, e.g. from results of an older job)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
 def per_task_comparison(federated: dict, single: dict) -> dict | None:
     """MELLODDY's per-task comparison of the multi-partner (MP) and single-partner (SP) models at one partner.
 
@@ -141,7 +147,7 @@ def per_task_comparison(federated: dict, single: dict) -> dict | None:
         p_value = float(wilcoxon(mp["auc_pr"], sp["auc_pr"]).pvalue)
     result = {
         "tasks": len(tasks),
-        "mean_delta": {name: float(np.nanmean(mp[name] - sp[name])) for name in PER_TASK_METRICS},
+        "mean_delta": {name: _finite_mean(mp[name] - sp[name]) for name in PER_TASK_METRICS},
         "riptop_auc_pr": float(np.nanmean(riptop)) if np.isfinite(riptop).any() else None,
         "improved_share": float(np.mean(delta > 0)),
         "wilcoxon_p": p_value,
@@ -187,8 +193,9 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
             entry["single_partner_curve_auc_pr"] = single.get("curve_auc_pr", [])
             entry["delta"] = {k: entry["federated"][k] - entry["single_partner"][k] for k in ("auc_roc", "auc_pr")}
             # Per-task results stay at the site; a server-side result carries them only from older jobs.
-            federated_per_task = (site_metrics(run_dir, site) or final[site]).get("per_task", {})
-            federated_conformal = (site_metrics(run_dir, site) or final[site]).get("conformal")
+            federated_full = site_metrics(run_dir, site) or final[site]
+            federated_per_task = federated_full.get("per_task", {})
+            federated_conformal = federated_full.get("conformal")
             if federated_conformal or single.get("conformal"):
                 entry["conformal"] = {"federated": federated_conformal, "single_partner": single.get("conformal")}
             comparison = per_task_comparison(federated_per_task, single.get("per_task", {}))

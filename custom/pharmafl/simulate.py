@@ -74,7 +74,6 @@ def run_simulator(
     (or ROUND) on.
     Raises UserError with the log location when the run fails or a site's task failed.
     """
-    started = time.perf_counter()
     if threads is not None and threads <= 0:
         raise UserError(f"--threads must be positive, got {threads}")
     sites = prepared_sites(data_dir)
@@ -90,7 +89,6 @@ def run_simulator(
         replace = check_output(
             workspace, (SIMULATE,), overwrite, "--workspace", reads=[data_dir, job_dir, repo_root()], marker=MARKER
         )
-        checked_s = time.perf_counter() - started
         workspace = Path(workspace).expanduser().resolve()
         if replace:
             shutil.rmtree(workspace)
@@ -113,7 +111,6 @@ def run_simulator(
     return {
         "workspace": str(workspace),
         "sites": sites,
-        "checked_s": checked_s,
         "wall_s": wall,
         "run_dir": str(run_dir),
         "log": str(log_path),

@@ -8,7 +8,6 @@ a molecule that cannot be featurised keeps its row, with the reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -17,8 +16,11 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from pharmafl.chem.prepare import fingerprint_matrix
 from pharmafl.chem.standardize import features_with_reason, standardize_with_reason
 from pharmafl.errors import UserError
+from pharmafl.manifest import sha256_file
+from pharmafl.training.multitask import predict_probabilities
 
 MODEL_CARD = "local_model.json"
 CARD_VERSION = 1
@@ -39,7 +41,7 @@ def model_card(data, hidden_sizes: list[int], dropout: float) -> dict:
             "n_bits": manifest.get("n_bits", data.n_features),
             "max_heavy_atoms": manifest.get("max_heavy_atoms", 100),
         },
-        "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+        "manifest_sha256": sha256_file(Path(data.path) / "manifest.json"),
     }
 
 
@@ -77,24 +79,7 @@ def featurise(smiles: list[str], featurisation: dict) -> tuple[sp.csr_matrix, li
         status.append("ok" if features is not None else reason)
         if features is not None:
             rows.append(features[0])
-    lengths = np.array([len(r) for r in rows], dtype=np.int64)
-    indices = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int32)
-    matrix = sp.csr_matrix(
-        (np.ones(len(indices), dtype=np.float32), indices, np.concatenate([[0], np.cumsum(lengths)])),
-        shape=(len(rows), featurisation["n_bits"]),
-    )
-    return matrix, standard, status
-
-
-@torch.no_grad()
-def predict_matrix(model, X: sp.csr_matrix, batch_size: int = 2048) -> np.ndarray:
-    from pharmafl.training.multitask import sparse_batch
-
-    out = [
-        torch.sigmoid(model(*sparse_batch(X, np.arange(start, min(start + batch_size, X.shape[0]))))).numpy()
-        for start in range(0, X.shape[0], batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), dtype=np.float32)
+    return fingerprint_matrix(rows, featurisation["n_bits"]), standard, status
 
 
 def predict_smiles_file(
@@ -111,7 +96,7 @@ def predict_smiles_file(
     X, standard, status = featurise(list(frame[smiles_col]), card["featurisation"])
     scores = np.full((len(frame), len(card["tasks"])), np.nan, dtype=np.float64)
     ok = np.array([s == "ok" for s in status], dtype=bool)
-    scores[ok] = predict_matrix(model, X)
+    scores[ok] = predict_probabilities(model, X, np.arange(X.shape[0]))
     out = pd.DataFrame(
         {"row": np.arange(len(frame)), smiles_col: frame[smiles_col], "standard_smiles": standard, "status": status}
     )

@@ -192,7 +192,7 @@ def prepare_chem(
             )
 
     source = {"path": str(input_path), "sha256": sha256_file(path)}
-    x_all = _fingerprint_matrix(fingerprints, config.n_bits)
+    x_all = fingerprint_matrix(fingerprints, config.n_bits)
     with staged_output(out_dir, PREPARE_CHEM) as out:
         site_summaries = {}
         for site, indices in site_tasks.items():
@@ -737,7 +737,8 @@ def _task_statistics(tasks: list[_Task], folds: np.ndarray, config: PrepareConfi
     return stats
 
 
-def _fingerprint_matrix(fingerprints: list[np.ndarray], n_bits: int) -> sp.csr_matrix:
+def fingerprint_matrix(fingerprints: list[np.ndarray], n_bits: int) -> sp.csr_matrix:
+    """Compounds x bits CSR matrix of ones from each compound's sorted on-bit indices."""
     lengths = np.array([len(f) for f in fingerprints], dtype=np.int64)
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     indices = np.concatenate(fingerprints) if fingerprints else np.zeros(0, dtype=np.int32)

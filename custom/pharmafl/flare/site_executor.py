@@ -86,15 +86,15 @@ class SiteTrainingExecutor(Executor):
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name not in (self.train_task_name, self.validate_task_name):
             return make_reply(ReturnCode.TASK_UNKNOWN)
+        site = fl_ctx.get_identity_name()
         try:
             dxo = from_shareable(shareable)
             if dxo.data_kind != DataKind.WEIGHTS:
                 raise ValueError(f"expected global model WEIGHTS, got {dxo.data_kind}")
             trainer = self.prepare(dxo.data or {}, fl_ctx)
         except (UserError, ValueError) as err:
-            self.log_error(fl_ctx, f"{TASK_FAILED} {fl_ctx.get_identity_name()} cannot run {task_name}: {err}")
+            self.log_error(fl_ctx, f"{TASK_FAILED} {site} cannot run {task_name}: {err}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
-        site = fl_ctx.get_identity_name()
         if task_name == self.validate_task_name:
             # The final global model is scored one step after the last training round.
             metrics = self.evaluate_and_stream(trainer, self.last_round + 1)

@@ -49,6 +49,19 @@ def sparse_batch(X: sparse.csr_matrix, rows: np.ndarray) -> tuple[torch.Tensor, 
     return indices, offsets
 
 
+@torch.no_grad()
+def predict_probabilities(
+    model: MultiTaskNet, X: sparse.csr_matrix, rows: np.ndarray, batch_size: int = 2048
+) -> np.ndarray:
+    """Active probabilities (rows x tasks) of ``model`` on rows of ``X``, in eval mode."""
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        indices, offsets = sparse_batch(X, rows[start : start + batch_size])
+        out.append(torch.sigmoid(model(indices, offsets)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.head.out_features), dtype=np.float32)
+
+
 class _Optimizers:
     """Several optimizers stepped as one."""
 
@@ -144,12 +157,7 @@ class MultiTaskTrainer:
     @torch.no_grad()
     def predict(self, rows: np.ndarray, batch_size: int = 2048) -> np.ndarray:
         """Active probabilities (rows x tasks)."""
-        self.model.eval()
-        out = []
-        for start in range(0, len(rows), batch_size):
-            indices, offsets = sparse_batch(self.data.X, rows[start : start + batch_size])
-            out.append(torch.sigmoid(self.model(indices, offsets)).numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.data.n_tasks), dtype=np.float32)
+        return predict_probabilities(self.model, self.data.X, rows, batch_size)
 
     def evaluate(self, fold: int | None = None) -> dict:
         """Mean and per-task AUC-ROC / AUC-PR on one fold (default: the test fold)."""
