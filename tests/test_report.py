@@ -133,3 +133,26 @@ def test_calibrated_auc_pr_is_average_precision_at_the_true_prior():
     scores = rng.random(500) + 0.4 * y
     assert calibrated_auc_pr(y, scores, prior=y.mean()) == pytest.approx(average_precision_score(y, scores))
     assert calibrated_auc_pr(y, scores) < average_precision_score(y, scores)  # prior 0.1 < the 30% actives
+
+
+def test_task_metrics_equal_scikit_learn_with_ties_and_float32():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from pharmafl.metrics import binary_auc
+
+    rng = np.random.default_rng(1)
+    for case in range(300):
+        n = int(rng.integers(2, 300))
+        y = (rng.random(n) < rng.uniform(0.05, 0.9)).astype(int)
+        if y.min() == y.max():
+            continue
+        scores = rng.random(n) + 0.3 * y
+        if case % 2:
+            scores = np.round(scores, 1)  # tie blocks spanning both classes
+        if case % 3 == 0:
+            scores = scores.astype(np.float32)
+        metrics = binary_auc(y, scores)
+        assert metrics["auc_roc"] == pytest.approx(roc_auc_score(y, scores), abs=1e-12)
+        assert metrics["auc_pr"] == pytest.approx(average_precision_score(y, scores), abs=1e-12)
+    one_class = binary_auc(np.ones(4, dtype=int), np.linspace(0, 1, 4))
+    assert np.isnan(one_class["auc_roc"]) and np.isnan(one_class["auc_pr"])

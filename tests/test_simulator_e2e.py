@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,7 +63,14 @@ def test_report_compares_with_single_partner(finished_run, chembl_small, tmp_pat
         assert len(entry["federated_curve_auc_pr"]) == 3  # rounds 0, 1 and the final model
         assert all(0.0 < value <= 1.0 for value in entry["federated_curve_auc_pr"])
         assert entry["federated_curve_auc_pr"][-1] == pytest.approx(entry["federated"]["auc_pr"], abs=1e-6)
-    assert (workspace / "report/summary.json").is_file() and (workspace / "report/auc_pr_per_round.png").is_file()
+        pairs = entry["per_task"]["auc_pr_pairs"]  # what the per-task scatter plots: one pair per compared task
+        assert len(pairs["single_partner"]) == len(pairs["federated"]) == entry["per_task"]["tasks"] > 0
+        delta = np.mean(np.array(pairs["federated"]) - np.array(pairs["single_partner"]))
+        assert delta == pytest.approx(entry["per_task"]["mean_delta"]["auc_pr"])
+    report = workspace / "report"
+    for name in ("summary.json", "auc_pr_per_round.png", "per_task_auc_pr.png"):
+        assert (report / name).is_file()
+    assert "(per_task_auc_pr.png)" in (report / "report.md").read_text()
     assert "site-1" in table
 
 

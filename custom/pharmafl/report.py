@@ -153,6 +153,12 @@ def per_task_comparison(federated: dict, single: dict) -> dict | None:
         "wilcoxon_p": p_value,
     }
     sizes = np.array([single[t].get("train_labels", federated[t].get("train_labels", -1)) for t in tasks], float)
+    # the per-task pairs behind the scatter plot, in task order (no task names: they stay with the partner)
+    result["auc_pr_pairs"] = {
+        "single_partner": sp["auc_pr"].tolist(),
+        "federated": mp["auc_pr"].tolist(),
+        "train_labels": sizes.astype(int).tolist(),
+    }
     if np.all(sizes >= 0) and len(tasks) >= 4:
         edges = np.quantile(sizes, [0, 0.25, 0.5, 0.75, 1])
         quartile = np.clip(np.searchsorted(edges[1:-1], sizes, side="right"), 0, 3)
@@ -279,6 +285,46 @@ def plot_curves(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PER_TASK_PLOT = "per_task_auc_pr.png"
+
+
+def plot_per_task(summary: dict, path: Path) -> bool:
+    """Per partner, each task's single-partner vs federated AUC-PR, and the mean delta by task size; False when
+    no site has a per-task comparison (no baseline)."""
+    compared = {site: entry["per_task"] for site, entry in summary["sites"].items() if entry.get("per_task")}
+    if not compared:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(compared) + 1, figsize=(3.3 * (len(compared) + 1), 3.6), squeeze=False)
+    for index, (site, comparison) in enumerate(compared.items()):
+        ax, pairs = axes[0][index], comparison["auc_pr_pairs"]
+        ax.scatter(pairs["single_partner"], pairs["federated"], s=6, alpha=0.5, color=f"C{index}")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="single-partner AUC-PR", aspect="equal")
+        ax.set_title(f"{site}: {comparison['improved_share']:.0%} of {comparison['tasks']} tasks improved", fontsize=8)
+        if index == 0:
+            ax.set_ylabel("federated AUC-PR")
+    ax = axes[0][-1]
+    for index, (site, comparison) in enumerate(compared.items()):
+        quartiles = comparison.get("by_train_labels", [])
+        sizes = [float(np.mean(q["train_labels"])) for q in quartiles]
+        ax.plot(sizes, [q["mean_delta_auc_pr"] for q in quartiles], marker="o", color=f"C{index}", label=site)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set(xlabel="training labels per task (quartiles)", ylabel="mean AUC-PR delta (MP - SP)")
+    ax.set_title("delta by task size", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_report(workspace: str | Path, baselines: str | Path | list | None = None) -> tuple[dict, str]:
     """Write ``WORKSPACE/report/`` for a multi-task or an ESM-2 LoRA run (told apart by its validation results).
 
@@ -315,6 +361,9 @@ def write_report(workspace: str | Path, baselines: str | Path | list | None = No
         "Mean over each site's tasks that pass the evaluation quorum, on the site's test fold; the federated\n"
         "model is the final global trunk with the site's own head.",
     )
+    if plot_per_task(summary, out / PER_TASK_PLOT):
+        with open(out / "report.md", "a") as report:
+            report.write(f"\n![per-task AUC-PR, single-partner vs federated, and delta by task size]({PER_TASK_PLOT})\n")
     return summary, table
 
 

@@ -96,7 +96,7 @@ def run_simulator(
         shutil.copytree(site_local_dir(), workspace / "local")  # the simulator copies it into every site
         write_marker(workspace, SIMULATE, MARKER)
         SitePolicy(roster=tuple(sites)).write(workspace / "local" / POLICY_FILE)  # the consortium: the sites
-        returncode, wall, log_path = _run(job, data_dir, workspace, sites, threads, quiet, scratch)
+        returncode, started_at, wall, log_path = _run(job, data_dir, workspace, sites, threads, quiet, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     run_dir = server_run_dir(workspace)
@@ -111,6 +111,7 @@ def run_simulator(
     return {
         "workspace": str(workspace),
         "sites": sites,
+        "started_at": started_at,  # epoch seconds when the simulator process started
         "wall_s": wall,
         "run_dir": str(run_dir),
         "log": str(log_path),
@@ -119,8 +120,8 @@ def run_simulator(
 
 def _run(
     job: Path, data_dir: str | Path, workspace: Path, sites: list[str], threads: int | None, quiet: bool, scratch: Path
-) -> tuple[int, float, Path]:
-    """The FLARE simulator on ``job``; its output goes to ``<workspace>/simulate.log``, the progress to the console."""
+) -> tuple[int, float, float, Path]:
+    """The FLARE simulator on ``job`` (exit code, start epoch, wall seconds, log); its output goes to ``<workspace>/simulate.log``, the progress to the console."""
     threads = threads or len(sites)
     env = dict(os.environ)
     env[DATA_ENV] = str(Path(data_dir).resolve())
@@ -141,7 +142,7 @@ def _run(
         "--end_run_for_all",
     ]
     scratch_log = scratch / "simulate.log"
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     with open(scratch_log, "w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert process.stdout is not None
@@ -153,7 +154,7 @@ def _run(
     wall = time.perf_counter() - start
     log_path = workspace / "simulate.log"
     shutil.move(scratch_log, log_path)
-    return returncode, wall, log_path
+    return returncode, started_at, wall, log_path
 
 
 def console_line(line: str) -> str:

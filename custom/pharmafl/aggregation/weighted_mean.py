@@ -108,8 +108,10 @@ def weighted_mean(
     result = {}
     for name, first in updates[0].items():
         acc = np.zeros(first.shape, dtype=np.float64)
+        scratch = np.empty(first.shape, dtype=np.float64)  # one buffer per key: no temporaries per client
         for update, weight in zip(updates, values, strict=True):
             # Normalised weights keep every partial sum within the inputs' range: no overflow before the cast.
-            acc += (weight / total) * np.asarray(update[name], dtype=np.float64)
+            np.multiply(update[name], weight / total, out=scratch, dtype=np.float64)
+            acc += scratch
         result[name] = acc.astype(dtypes.get(name, first.dtype), copy=False)
     return result
