@@ -6,7 +6,7 @@ baseline gets the same grid. For each method it reports the configuration and nu
 with the best mean validation AUC-PR over sites. Usage:
 
     .venv/bin/python scripts/tune_chem.py DATA_DIR [--rounds 25] [--dropout 0.2,0.5] [--hidden 400]
-        [--pooled POOLED_DIR]
+        [--regression-weight 0,1] [--pooled POOLED_DIR]
 
 ``--pooled`` adds the centralized upper bound: POOLED_DIR is the same input prepared for one
 partner (``pharmafl prepare chem --partners 1``); one model learns all tasks on all compounds and
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--dropout", default="0.2,0.5")
     parser.add_argument("--hidden", default="400")
     parser.add_argument("--learning-rate", default="0.001")
+    parser.add_argument("--regression-weight", default="0", help="weights of the regression head's loss (0: none)")
     parser.add_argument("--pooled", default=None, help="the same input prepared for one partner (upper bound)")
     parser.add_argument("--out", default=None, help="write the JSON here too")
     args = parser.parse_args()
@@ -83,9 +84,10 @@ def main() -> None:
         [float(x) for x in args.dropout.split(",")],
         [int(x) for x in args.hidden.split(",")],
         [float(x) for x in args.learning_rate.split(",")],
+        [float(x) for x in args.regression_weight.split(",")],
     )
-    for dropout, hidden, learning_rate in grid:
-        config = TrainConfig(dropout=dropout, learning_rate=learning_rate)
+    for dropout, hidden, learning_rate, regression_weight in grid:
+        config = TrainConfig(dropout=dropout, learning_rate=learning_rate, regression_weight=regression_weight)
         methods = ["federated", "single_partner"] + (["centralized"] if args.pooled else [])
         for method in methods:
             if method == "centralized":
@@ -101,6 +103,7 @@ def main() -> None:
                 "dropout": dropout,
                 "hidden": hidden,
                 "learning_rate": learning_rate,
+                "regression_weight": regression_weight,
                 "best_rounds": best + 1,
                 "best_validation_auc_pr": float(curve[best]),
                 "sites_at_best": [round(float(v), 4) for v in per_site[best]],

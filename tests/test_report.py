@@ -156,3 +156,17 @@ def test_task_metrics_equal_scikit_learn_with_ties_and_float32():
         assert metrics["auc_pr"] == pytest.approx(average_precision_score(y, scores), abs=1e-12)
     one_class = binary_auc(np.ones(4, dtype=int), np.linspace(0, 1, 4))
     assert np.isnan(one_class["auc_roc"]) and np.isnan(one_class["auc_pr"])
+
+
+def test_regression_comparison_pairs_tasks_both_sides_scored():
+    from pharmafl.report import regression_comparison
+
+    federated = {
+        "per_task": {"a": {"r2": 0.5, "rmse": 0.8}, "b": {"r2": 0.2, "rmse": 1.0}, "c": {"r2": 0.1, "rmse": 1}}
+    }
+    single = {"per_task": {"a": {"r2": 0.3, "rmse": 0.9}, "b": {"r2": 0.3, "rmse": 0.9}}}
+    result = regression_comparison(federated, single)
+    assert result["tasks"] == 2  # c: scored by one side only
+    assert result["mean_delta"]["r2"] == pytest.approx(0.05) and result["mean_delta"]["rmse"] == pytest.approx(0.0)
+    assert result["improved_share"] == 0.5
+    assert regression_comparison(None, single) is None and regression_comparison(federated, {}) is None

@@ -145,6 +145,28 @@ def test_an_experiment_over_seeds_and_the_same_seed_gives_the_same_results(finis
     assert json.loads((tmp_path / "exp" / "summary.json").read_text()) == result
 
 
+def test_an_experiment_with_the_regression_head_reports_r2_deltas_and_keeps_the_head_home(chembl_small, tmp_path):
+    from pharmafl.experiment import format_seeds_table, run_chem_experiment
+
+    overrides = {"regression_weight": 1.0}
+    result = run_chem_experiment(
+        chembl_small, tmp_path / "exp", JOB, 1, 1, progress=lambda _m: None, overrides=overrides
+    )
+    for site in ("site-1", "site-2"):
+        regression = result["sites"][site]["regression"]
+        assert regression["per_task"]["tasks"] > 0
+        assert regression["delta_r2"]["values"] == [pytest.approx(regression["per_task"]["mean_delta"]["r2"])]
+    assert "delta R²" in format_seeds_table(result)
+    workspace = tmp_path / "exp" / "seed-0" / "federated"
+    records = [json.loads(line) for line in (workspace / "server/simulate_job" / CONTRIBUTIONS_LOG).open()]
+    assert records and all(key.startswith("trunk.") for r in records for key in r["keys"])
+    # what reached the server: aggregate regression metrics only, never per-task results
+    server = json.loads((workspace / "server/simulate_job/cross_site_val/cross_val_results.json").read_text())
+    for site in ("site-1", "site-2"):
+        sent = next(iter(server[site].values()))
+        assert set(sent["regression"]) == {"r2", "rmse", "tasks_evaluated"}
+
+
 def test_predict_round_trip_gives_the_scores_the_report_used(finished_run, chembl_small, tmp_path):
     # the saved site model scores its own test fold from SMILES alone: the same per-task AUCs as the final
     # validation (the site's site_metrics.json); a molecule that cannot be featurised keeps its row

@@ -168,6 +168,7 @@ def cmd_baseline_chem(args: argparse.Namespace) -> int:
             ("dropout", args.dropout),
             ("learning_rate", args.learning_rate),
             ("hidden_sizes", args.hidden_sizes),
+            ("regression_weight", args.regression_weight),
         )
         if value is not None
     }
@@ -200,6 +201,7 @@ def cmd_experiment_chem(args: argparse.Namespace) -> int:
         args.baseline_rounds,
         args.overwrite,
         progress=lambda message: print(message, flush=True),
+        overrides=_executor_overrides(args),
     )
     print(format_seeds_table(result))
     print(f"wrote {Path(args.out) / 'summary.json'}")
@@ -460,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     baseline_chem.add_argument("--dropout", type=float, default=None, help="override the job's dropout")
     baseline_chem.add_argument("--learning-rate", type=float, default=None, help="override the job's learning rate")
     baseline_chem.add_argument("--hidden-sizes", type=_ints, default=None, help="override the trunk layers")
+    baseline_chem.add_argument(
+        "--regression-weight",
+        type=float,
+        default=None,
+        help="override the job's regression_weight (the federated run's --set regression_weight=...)",
+    )
     baseline_chem.set_defaults(func=cmd_baseline_chem)
 
     baseline_esm = baseline.add_parser("esm", help="ESM-2 LoRA centralized or local training, same total steps")
@@ -486,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment_chem.add_argument(
         "--baseline-rounds", type=int, default=None, help="single-partner rounds (default: the federated rounds)"
     )
+    _add_executor_overrides(experiment_chem)
     _add_overwrite(experiment_chem, "an earlier experiment in --out")
     experiment_chem.set_defaults(func=cmd_experiment_chem)
 

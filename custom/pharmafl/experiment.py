@@ -18,16 +18,25 @@ from pharmafl.baseline import run_single_partner
 from pharmafl.errors import UserError
 from pharmafl.jobs import SERVER_CONFIG, find_component, prepared_sites, read_json, write_job_copy
 from pharmafl.outputs import check_output, staged_output
-from pharmafl.report import build_summary, improved_cell, p_value_cell, per_task_comparison, site_metrics
+from pharmafl.report import (
+    build_summary,
+    improved_cell,
+    p_value_cell,
+    per_task_comparison,
+    regression_comparison,
+    site_metrics,
+)
 from pharmafl.simulate import run_simulator
 
 EXPERIMENT = "experiment chem"
 CONFORMAL_LEVELS = ("0.8", "0.9")
 
 
-def seeded_job(job_dir: str | Path, out_dir: Path, seed: int, rounds: int | None, sites: int) -> Path:
-    """A copy of the job whose initial trunk and site training use ``seed``."""
-    job = write_job_copy(job_dir, out_dir, rounds, sites, {"seed": seed})
+def seeded_job(
+    job_dir: str | Path, out_dir: Path, seed: int, rounds: int | None, sites: int, overrides: dict | None = None
+) -> Path:
+    """A copy of the job whose initial trunk and site training use ``seed`` (and executor ``overrides``)."""
+    job = write_job_copy(job_dir, out_dir, rounds, sites, {**(overrides or {}), "seed": seed})
     server = read_json(job / SERVER_CONFIG)
     find_component(server, "persistor")["args"]["model"]["args"]["seed"] = seed
     (job / SERVER_CONFIG).write_text(json.dumps(server, indent=2) + "\n")
@@ -43,8 +52,11 @@ def run_chem_experiment(
     baseline_rounds: int | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] = print,
+    overrides: dict | None = None,
 ) -> dict:
-    """Federated and single-partner runs for seeds 0..seeds-1 under ``out_dir``; returns (and writes) the summary."""
+    """Federated and single-partner runs for seeds 0..seeds-1 under ``out_dir``; returns (and writes) the summary.
+
+    ``overrides``: executor arguments changed for both sides (the baseline reads them from the job copy)."""
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
     sites = prepared_sites(data_dir)
@@ -53,7 +65,7 @@ def run_chem_experiment(
         per_seed = []
         for seed in range(seeds):
             folder = out / f"seed-{seed}"
-            job = seeded_job(job_dir, folder, seed, rounds, len(sites))
+            job = seeded_job(job_dir, folder, seed, rounds, len(sites), overrides)
             progress(f"seed {seed}: federated run")
             workspace = folder / "federated"
             run_simulator(job, data_dir, workspace, quiet=True)
@@ -64,11 +76,15 @@ def run_chem_experiment(
             )
             summary = build_summary(workspace, folder / "single_partner")
             summary["per_task_federated"] = _federated_per_task(summary)
-            summary["per_task_single"] = {
-                site: result.get("per_task", {})
-                for site, result in json.loads((folder / "single_partner" / "summary.json").read_text())[
-                    "sites"
-                ].items()
+            single_sites = json.loads((folder / "single_partner" / "summary.json").read_text())["sites"]
+            summary["per_task_single"] = {site: result.get("per_task", {}) for site, result in single_sites.items()}
+            run_dir = Path(summary["run_dir"])
+            summary["regression_federated"] = {
+                site: ((site_metrics(run_dir, site) or {}).get("regression") or {}).get("per_task", {})
+                for site in summary["sites"]
+            }
+            summary["regression_single"] = {
+                site: (result.get("regression") or {}).get("per_task", {}) for site, result in single_sites.items()
             }
             per_seed.append(summary)
         result = combine_seeds(per_seed)
@@ -101,6 +117,18 @@ def combine_seeds(per_seed: list[dict]) -> dict:
                 _seed_mean([s["per_task_single"].get(site, {}) for s in per_seed]),
             ),
         }
+        regression = [s["sites"][site].get("regression") for s in per_seed]
+        if all(regression):  # the regression head's R² and RMSE, MP - SP, when the runs trained one
+            combined[site]["regression"] = {
+                "delta_r2": _mean_std([r["mean_delta"]["r2"] for r in regression]),
+                "delta_rmse": _mean_std([r["mean_delta"]["rmse"] for r in regression]),
+                "federated_r2": _mean_std([r["federated"]["r2"] for r in regression]),
+                "single_partner_r2": _mean_std([r["single_partner"]["r2"] for r in regression]),
+                "per_task": regression_comparison(
+                    {"per_task": _seed_mean([s["regression_federated"].get(site, {}) for s in per_seed])},
+                    {"per_task": _seed_mean([s["regression_single"].get(site, {}) for s in per_seed])},
+                ),
+            }
         conformal = [s["sites"][site].get("conformal") for s in per_seed]
         if all(conformal):
             combined[site]["conformal"] = {
@@ -175,6 +203,23 @@ def format_seeds_table(result: dict) -> str:
                         f"| {site} | {level} | {mp['efficiency']:.4f} | {sp['efficiency']:.4f} | "
                         f"{mp['validity']:.4f} | {sp['validity']:.4f} |"
                     )
+    regression = {site: entry["regression"] for site, entry in result["sites"].items() if entry.get("regression")}
+    if regression:
+        lines += [
+            "\nRegression head (measured values in the test fold), mean ± std over seeds; tasks improved and p on "
+            "the seed-averaged per-task R²:\n",
+            "| site | tasks | federated R² | single-partner R² | delta R² | delta RMSE | tasks improved "
+            "| p (Wilcoxon) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for site, entry in regression.items():
+            lines.append(
+                f"| {site} | {(entry['per_task'] or {}).get('tasks', 0)} | {_fmt(entry['federated_r2'])} | "
+                f"{_fmt(entry['single_partner_r2'])} | "
+                f"{entry['delta_r2']['mean']:+.4f} ± {entry['delta_r2']['std']:.4f} | "
+                f"{entry['delta_rmse']['mean']:+.4f} ± {entry['delta_rmse']['std']:.4f} | "
+                f"{improved_cell(entry['per_task'])} | {p_value_cell(entry['per_task'])} |"
+            )
     above = "yes" if result["federated_beats_single_partner_everywhere"] else "no"
     significant = "yes" if result["significant_everywhere"] else "no"
     lines.append(

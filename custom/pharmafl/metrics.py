@@ -93,6 +93,14 @@ def summarize(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     return {**means, "tasks_evaluated": len(per_task)}
 
 
+def regression_metrics(y_true: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """R² (1 - residual / total sum of squares; NaN when the values do not vary) and RMSE of one task."""
+    y_true, predicted = np.asarray(y_true, dtype=float), np.asarray(predicted, dtype=float)
+    residual = float(np.sum((y_true - predicted) ** 2))
+    total = float(np.sum((y_true - y_true.mean()) ** 2))
+    return {"r2": 1.0 - residual / total if total > 0 else float("nan"), "rmse": float(np.sqrt(residual / len(y_true)))}
+
+
 def token_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Binary metrics over residues: accuracy, precision, recall, F1, MCC at ``threshold``, and AUC-ROC.
 

@@ -175,6 +175,28 @@ def per_task_comparison(federated: dict, single: dict) -> dict | None:
     return result
 
 
+def regression_comparison(federated: dict | None, single: dict | None) -> dict | None:
+    """Per-task MP - SP of R² and RMSE over the regression tasks both scored, the share of tasks whose R²
+    improved and the paired Wilcoxon test on R²; None when either side trained no regression head."""
+    from scipy.stats import wilcoxon
+
+    mp, sp = (federated or {}).get("per_task", {}), (single or {}).get("per_task", {})
+    tasks = sorted(set(mp) & set(sp))
+    if not tasks:
+        return None
+    r2 = np.array([[mp[t]["r2"], sp[t]["r2"]] for t in tasks], dtype=float)
+    rmse = np.array([[mp[t]["rmse"], sp[t]["rmse"]] for t in tasks], dtype=float)
+    delta = r2[:, 0] - r2[:, 1]
+    return {
+        "tasks": len(tasks),
+        "federated": {"r2": _finite_mean(r2[:, 0]), "rmse": _finite_mean(rmse[:, 0])},
+        "single_partner": {"r2": _finite_mean(r2[:, 1]), "rmse": _finite_mean(rmse[:, 1])},
+        "mean_delta": {"r2": _finite_mean(delta), "rmse": _finite_mean(rmse[:, 0] - rmse[:, 1])},
+        "improved_share": float(np.mean(delta > 0)),
+        "wilcoxon_p": float(wilcoxon(r2[:, 0], r2[:, 1]).pvalue) if len(tasks) >= 2 and np.any(delta != 0) else None,
+    }
+
+
 def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None) -> dict:
     run_dir = find_server_run_dir(workspace)
     final = federated_final(run_dir)
@@ -204,6 +226,9 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
             federated_conformal = federated_full.get("conformal")
             if federated_conformal or single.get("conformal"):
                 entry["conformal"] = {"federated": federated_conformal, "single_partner": single.get("conformal")}
+            regression = regression_comparison(federated_full.get("regression"), single.get("regression"))
+            if regression:
+                entry["regression"] = regression
             comparison = per_task_comparison(federated_per_task, single.get("per_task", {}))
             entry["per_task"] = comparison
             entry["mean_per_task_delta_auc_pr"] = None if comparison is None else comparison["mean_delta"]["auc_pr"]
@@ -363,7 +388,9 @@ def write_report(workspace: str | Path, baselines: str | Path | list | None = No
     )
     if plot_per_task(summary, out / PER_TASK_PLOT):
         with open(out / "report.md", "a") as report:
-            report.write(f"\n![per-task AUC-PR, single-partner vs federated, and delta by task size]({PER_TASK_PLOT})\n")
+            report.write(
+                f"\n![per-task AUC-PR, single-partner vs federated, and delta by task size]({PER_TASK_PLOT})\n"
+            )
     return summary, table
 
 

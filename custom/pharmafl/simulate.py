@@ -121,7 +121,9 @@ def run_simulator(
 def _run(
     job: Path, data_dir: str | Path, workspace: Path, sites: list[str], threads: int | None, quiet: bool, scratch: Path
 ) -> tuple[int, float, float, Path]:
-    """The FLARE simulator on ``job`` (exit code, start epoch, wall seconds, log); its output goes to ``<workspace>/simulate.log``, the progress to the console."""
+    """The FLARE simulator on ``job``: (exit code, start epoch, wall seconds, log).
+
+    Its output goes to ``<workspace>/simulate.log``, the progress to the console."""
     threads = threads or len(sites)
     env = dict(os.environ)
     env[DATA_ENV] = str(Path(data_dir).resolve())

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 
 from pharmafl.chem.dataset import SiteData, load_site
-from pharmafl.chem.prepare import PrepareConfig, prepare_chem
+from pharmafl.chem.prepare import SITE_FILES, PrepareConfig, prepare_chem
 from pharmafl.errors import UserError
 
 MOLECULES = [
@@ -104,14 +104,7 @@ def test_verify_detects_a_changed_file(site_dir, tmp_path):
 
 def test_manifest_keeps_no_secret_and_lists_checksums(site_dir):
     manifest = json.loads((site_dir / "manifest.json").read_text())
-    assert set(manifest["sha256"]) == {
-        "X.npz",
-        "Y.npz",
-        "values.npz",
-        "folds.npy",
-        "tasks.csv",
-        "compounds.csv",
-    }
+    assert set(manifest["sha256"]) == set(SITE_FILES)  # every file of the preparation
     assert "fold_secret" not in json.dumps(manifest)
     assert manifest["format_version"] == 1 and manifest["site"] == "s1"
 
@@ -122,3 +115,18 @@ def test_chembl_small_fixture(chembl_small):
         assert data.n_features == 32000
         assert data.eval_task_mask.any()
         assert len(data.rows_in_folds([0])) > 0
+
+
+def test_damaged_or_inconsistent_regression_data_is_a_user_error(site_dir, tmp_path):
+    import shutil
+
+    for name, damage in [
+        ("garbage", lambda path: path.write_bytes(b"not an npz")),
+        ("outside", lambda path: np.savez(path, row=[10**6], task=[0], value=[1.0], censor=[1])),
+        ("code", lambda path: np.savez(path, row=[0], task=[0], value=[1.0], censor=[7])),
+    ]:
+        copy = tmp_path / name
+        shutil.copytree(site_dir, copy)
+        damage(copy / "regression.npz")
+        with pytest.raises(UserError, match="regression"):
+            load_site(str(copy))

@@ -7,13 +7,14 @@ import pytest
 import scipy.sparse as sp
 
 from pharmafl.chem.dataset import load_site
+from pharmafl.chem.prepare import SITE_FILES as PREPARED_FILES
 from pharmafl.chem.prepare import PrepareConfig, prepare_chem
 from pharmafl.chem.standardize import ecfp_bits, fold_for_scaffold, murcko_scaffold, standardize_smiles
 from pharmafl.errors import UserError
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 IBUPROFEN = "CC(C)Cc1ccc(C(C)C(=O)O)cc1"
-SITE_FILES = {"X.npz", "Y.npz", "values.npz", "folds.npy", "tasks.csv", "compounds.csv", "manifest.json"}
+SITE_FILES = {*PREPARED_FILES, "manifest.json"}
 NO_QUORUM = dict(min_train_actives=0, min_train_inactives=0, min_eval_actives=0, min_eval_inactives=0)
 
 
@@ -294,6 +295,35 @@ def test_long_format_with_qualifiers(tmp_path):
     assert values == {(PARACETAMOL, f"T1@{t}"): 7.5 for t in ("5.5", "6.5", "7.5")} | {
         (BENZOIC_ACID, f"T1@{t}"): 5.0 for t in ("5.5", "6.5", "7.5")
     }
+
+
+def test_regression_tasks_keep_values_and_censoring_per_continuous_assay(tmp_path):
+    from pharmafl.chem.dataset import CENSOR_ABOVE, CENSOR_BELOW, CENSOR_EXACT, load_site
+
+    path = tmp_path / "long.csv"
+    pd.DataFrame(LONG_ROWS, columns=["smiles", "task", "value", "qualifier"]).to_csv(path, index=False)
+    config = PrepareConfig(sites=["solo"], **NO_QUORUM, min_regression_values=2, min_eval_regression_values=0)
+    prepare_chem(str(path), str(tmp_path / "out"), config, progress=None)
+    site = load_site(str(tmp_path / "out" / "solo"), verify=True)  # the regression files are in the checksums
+    regression = site.regression
+    assert list(regression.tasks["task_id"]) == ["T1", "T3"]  # T2 is binary: classification only
+    smiles = pd.read_csv(tmp_path / "out" / "solo" / "compounds.csv")["smiles"].tolist()
+    stored = {
+        (smiles[r], str(regression.tasks["task_id"][c])): (float(regression.values[r, c]), int(regression.censor[r, c]))
+        for r, c in zip(*regression.censor.nonzero(), strict=True)
+    }
+    assert stored == {
+        (NAPHTHALENE, "T1"): (7.0, CENSOR_ABOVE),
+        (PYRIDINE, "T1"): (6.0, CENSOR_BELOW),
+        (PARACETAMOL, "T1"): (7.5, CENSOR_EXACT),  # the median of two measurements
+        (BENZOIC_ACID, "T1"): (5.0, CENSOR_EXACT),  # a measurement beats a bound
+        (PYRIDINE, "T3"): (6.5, CENSOR_ABOVE),
+        (NAPHTHALENE, "T3"): (6.0, CENSOR_BELOW),
+    }
+    assert regression.tasks.set_index("task_id").loc["T1", ["values", "measured"]].tolist() == [4, 2]
+    quorum = PrepareConfig(sites=["solo"], **NO_QUORUM, min_regression_values=3)
+    prepare_chem(str(path), str(tmp_path / "q"), quorum, progress=None)
+    assert list(load_site(str(tmp_path / "q" / "solo")).regression.tasks["task_id"]) == ["T1"]  # T3 has 2 values
 
 
 # --- user errors ------------------------------------------------------------------------------------

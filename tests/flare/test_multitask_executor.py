@@ -83,3 +83,37 @@ def test_mismatched_trunk_and_missing_data_fail_cleanly(started, tmp_path):
     assert executor.execute("other", task(global_trunk()), fl_ctx, Signal()).get_return_code() == (
         ReturnCode.TASK_UNKNOWN
     )
+
+
+def test_regression_head_stays_home_and_predict_gives_its_values(started, chembl_small, tmp_path):
+    from pharmafl.chem.predict import MODEL_CARD, predict_smiles_file
+    from pharmafl.training.multitask import predict_values
+
+    _, fl_ctx, run_dir, _ = started
+    executor = MultiTaskExecutor(data_root=str(chembl_small), batch_size=256, regression_weight=1.0)
+    executor.handle_event(EventType.START_RUN, fl_ctx)
+    weights = global_trunk()
+    dxo = from_shareable(executor.execute("train", task(weights), fl_ctx, Signal()))
+    assert set(dxo.data) == set(weights)  # the regression head is private like the classification head
+    trainer = executor.trainer
+    regression_keys = {k for k in trainer.head_state() if k.startswith("regression_head.")}
+    assert {"regression_head.linear.weight", "regression_head.mean", "regression_head.std"} <= regression_keys
+    metrics = from_shareable(executor.execute("validate", task(weights), fl_ctx, Signal())).data
+    regression = metrics["regression"]
+    assert regression["tasks_evaluated"] == len(regression["per_task"]) > 0
+    assert all(np.isfinite(m["rmse"]) and m["r2"] <= 1 for m in regression["per_task"].values())
+    executor.handle_event(EventType.END_RUN, fl_ctx)
+
+    # predict on the site's own test compounds gives the regression head's values, one column per task
+    rows = trainer.data.rows_in_folds([trainer.test_fold])
+    compounds = (chembl_small / "site-1" / "compounds.csv").read_text().splitlines()[1:]
+    (tmp_path / "new.csv").write_text("smiles\n" + "\n".join(compounds[i] for i in rows) + "\n")
+    predict_smiles_file(run_dir, tmp_path / "new.csv", tmp_path / "preds.csv")
+    import json
+
+    import pandas as pd
+
+    card = json.loads((run_dir / MODEL_CARD).read_text())
+    assert card["regression_tasks"] == trainer.regression_task_ids
+    predicted = pd.read_csv(tmp_path / "preds.csv")[card["regression_tasks"]].to_numpy()
+    np.testing.assert_allclose(predicted, predict_values(trainer.model, trainer.data.X, rows), rtol=1e-5, atol=1e-5)

@@ -16,6 +16,26 @@ from pharmafl.errors import UserError
 from pharmafl.manifest import verify_checksums
 
 REQUIRED_FILES = ("X.npz", "Y.npz", "folds.npy", "tasks.csv", "manifest.json")
+# Censoring of a regression value: measured, or only a bound (">": a lower bound, "<": an upper bound).
+CENSOR_EXACT, CENSOR_ABOVE, CENSOR_BELOW = 1, 2, 3
+
+
+@dataclass
+class RegressionData:
+    """One partner's regression tasks: compounds x tasks matrices of values and their censoring codes
+    (``CENSOR_EXACT`` measured, ``CENSOR_ABOVE`` a ">" bound, ``CENSOR_BELOW`` a "<" bound)."""
+
+    values: sp.csr_matrix
+    censor: sp.csr_matrix
+    tasks: pd.DataFrame
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def eval_task_mask(self) -> np.ndarray:
+        return self.tasks["evaluate"].to_numpy(dtype=bool)
 
 
 @dataclass
@@ -33,6 +53,7 @@ class SiteData:
     manifest: dict
     path: str
     values: sp.csr_matrix | None = None
+    regression: RegressionData | None = None  # None: prepared before regression tasks existed
 
     @property
     def n_features(self) -> int:
@@ -89,9 +110,37 @@ def load_site(path: str, verify: bool = False) -> SiteData:
         problems.append("tasks.csv has no 'evaluate' column")
     if Y.nnz and not np.isin(Y.data, (-1, 1)).all():
         problems.append("Y holds labels other than +1 and -1")
+    regression = _load_regression(folder, X.shape[0], problems)
     if problems:
         raise UserError(f"The prepared data at '{path}' is inconsistent ({'; '.join(problems)}); prepare it again.")
-    return SiteData(X=X, Y=Y, folds=folds, tasks=tasks, manifest=manifest, path=str(path), values=values)
+    return SiteData(
+        X=X, Y=Y, folds=folds, tasks=tasks, manifest=manifest, path=str(path), values=values, regression=regression
+    )
+
+
+def _load_regression(folder: Path, n_compounds: int, problems: list[str]) -> RegressionData | None:
+    if not (folder / "regression.npz").is_file():
+        return None
+    try:
+        with np.load(folder / "regression.npz", allow_pickle=False) as stored:
+            row, task, value, censor = (stored[k] for k in ("row", "task", "value", "censor"))
+        tasks = pd.read_csv(folder / "regression_tasks.csv", dtype={"task_id": str, "assay": str})
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile, pd.errors.ParserError, pd.errors.EmptyDataError):
+        raise UserError(f"The regression data at '{folder}' is damaged; prepare it again.") from None
+    if not len(row) == len(task) == len(value) == len(censor):
+        problems.append("regression.npz arrays differ in length")
+    elif len(row) and (row.min() < 0 or row.max() >= n_compounds or task.min() < 0 or task.max() >= len(tasks)):
+        problems.append(f"regression.npz points outside {n_compounds} compounds x {len(tasks)} regression tasks")
+    elif not (np.isin(censor, (CENSOR_EXACT, CENSOR_ABOVE, CENSOR_BELOW)).all() and np.isfinite(value).all()):
+        problems.append("regression.npz holds unknown censoring codes or non-finite values")
+    if problems:
+        return None
+    shape = (n_compounds, len(tasks))
+    return RegressionData(
+        values=sp.csr_matrix((value, (row, task)), shape=shape, dtype=np.float32),
+        censor=sp.csr_matrix((censor, (row, task)), shape=shape, dtype=np.int8),
+        tasks=tasks,
+    )
 
 
 def _load_matrix(path: Path) -> sp.csr_matrix:

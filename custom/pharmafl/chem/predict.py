@@ -2,7 +2,8 @@
 
 The site saves its model as a torch state dict with a model card beside it (``local_model.json``): the task
 table, the featurisation of its preparation and the manifest's hash. ``predict`` featurises new SMILES exactly
-as ``prepare chem`` did (same standardisation, radius and bits) and writes one probability column per task;
+as ``prepare chem`` did (same standardisation, radius and bits) and writes one probability column per task
+(and one predicted value per regression task, when the model has a regression head);
 a molecule that cannot be featurised keeps its row, with the reason.
 """
 
@@ -20,19 +21,21 @@ from pharmafl.chem.prepare import fingerprint_matrix
 from pharmafl.chem.standardize import features_with_reason, standardize_with_reason
 from pharmafl.errors import UserError
 from pharmafl.manifest import sha256_file
-from pharmafl.training.multitask import predict_probabilities
+from pharmafl.training.multitask import predict_probabilities, predict_values
 
 MODEL_CARD = "local_model.json"
 CARD_VERSION = 1
 
 
-def model_card(data, hidden_sizes: list[int], dropout: float) -> dict:
-    """What ``predict`` needs besides the weights: tasks, geometry, featurisation, the preparation's hash."""
+def model_card(data, hidden_sizes: list[int], dropout: float, regression_tasks: list[str] | None = None) -> dict:
+    """What ``predict`` needs besides the weights: tasks (and regression tasks, when the model has a regression
+    head), geometry, featurisation, the preparation's hash."""
     manifest = data.manifest
     return {
         "card_version": CARD_VERSION,
         "site": manifest.get("site"),
         "tasks": list(data.tasks["task_id"]),
+        "regression_tasks": list(regression_tasks or []),
         "n_features": data.n_features,
         "hidden_sizes": list(hidden_sizes),
         "dropout": dropout,
@@ -61,7 +64,13 @@ def load_site_model(path: str | Path):
         raise UserError(f"'{card_path}' is not valid JSON ({err}).") from None
     if card.get("card_version") != CARD_VERSION:
         raise UserError(f"'{card_path}' is a model card of version {card.get('card_version')}, not {CARD_VERSION}.")
-    model = MultiTaskNet(card["n_features"], len(card["tasks"]), card["hidden_sizes"], card["dropout"])
+    model = MultiTaskNet(
+        card["n_features"],
+        len(card["tasks"]),
+        card["hidden_sizes"],
+        card["dropout"],
+        len(card.get("regression_tasks", [])),
+    )
     model.load_state_dict(torch.load(weights, weights_only=True))
     model.eval()
     return model, card
@@ -100,7 +109,12 @@ def predict_smiles_file(
     out = pd.DataFrame(
         {"row": np.arange(len(frame)), smiles_col: frame[smiles_col], "standard_smiles": standard, "status": status}
     )
-    out = pd.concat([out, pd.DataFrame(scores, columns=card["tasks"])], axis=1)
+    columns = [pd.DataFrame(scores, columns=card["tasks"])]
+    if card.get("regression_tasks"):  # predicted values (e.g. pChEMBL) of the regression head, one column per task
+        values = np.full((len(frame), len(card["regression_tasks"])), np.nan, dtype=np.float64)
+        values[ok] = predict_values(model, X, np.arange(X.shape[0]))
+        columns.append(pd.DataFrame(values, columns=card["regression_tasks"]))
+    out = pd.concat([out, *columns], axis=1)
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(out_file, index=False)
     return int(ok.sum()), int((~ok).sum())

@@ -23,13 +23,24 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from pharmafl.chem.dataset import CENSOR_ABOVE, CENSOR_BELOW, CENSOR_EXACT
 from pharmafl.chem.standardize import FEATURE_FAILURES, features_with_reason, fold_for_scaffold, standardize_with_reason
 from pharmafl.errors import UserError
 from pharmafl.manifest import sha256_file
 from pharmafl.outputs import PREPARATIONS, PREPARE_CHEM, check_output, staged_output
 
 FORMAT_VERSION = 1
-SITE_FILES = ("X.npz", "Y.npz", "values.npz", "folds.npy", "tasks.csv", "compounds.csv")
+SITE_FILES = (
+    "X.npz",
+    "Y.npz",
+    "values.npz",
+    "folds.npy",
+    "tasks.csv",
+    "compounds.csv",
+    "regression.npz",
+    "regression_tasks.csv",
+)
+
 MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "none"}
 EXACT, BELOW, ABOVE = 0, 1, 2
 # ChEMBL-style relations; "<=" and ">=" imply the same labels as "<" and ">" under our threshold rules.
@@ -68,6 +79,10 @@ class PrepareConfig:
     min_train_inactives: int = 10
     min_eval_actives: int = 5
     min_eval_inactives: int = 5
+    # Regression tasks (one per continuous assay and partner, for the optional regression head): trained with
+    # at least this many values (measured or censored), evaluated with this many measured ones in the test fold.
+    min_regression_values: int = 25
+    min_eval_regression_values: int = 10
     max_heavy_atoms: int = 100
     seed: int = 0
     max_compounds: int | None = None  # keep only the first N valid compounds (tests, quick demos)
@@ -179,6 +194,11 @@ def prepare_chem(
             tasks = _keep_compounds_private(tasks, site_of_assay, len(compounds), len(config.sites), config.seed)
         site_of_task = np.array([site_of_assay[task.assay] for task in tasks], dtype=np.int64)
     stats = _task_statistics(tasks, folds, config)  # the quorums, per partner's own task
+    regression = _regression_tasks(pairs, labels.assay_binary, labels.assay_names)
+    if library is not None:
+        regression, site_of_regression = _split_by_library(regression, library, config.sites)
+    else:
+        site_of_regression = np.array([site_of_assay[task.assay] for task in regression], dtype=np.int64)
 
     site_tasks = {site: [] for site in config.sites}
     for index in range(len(tasks)):
@@ -201,6 +221,11 @@ def prepare_chem(
                 site,
                 [tasks[i] for i in indices],
                 stats.loc[indices],
+                [
+                    task
+                    for task, owner in zip(regression, site_of_regression, strict=True)
+                    if config.sites[owner] == site
+                ],
                 x_all,
                 folds,
                 compounds,
@@ -585,6 +610,27 @@ def _merge_duplicates(compound, assay, value, qualifier, assay_binary) -> pd.Dat
     return merged
 
 
+def _regression_tasks(pairs: pd.DataFrame, assay_binary: np.ndarray, assay_names: list[str]) -> list[_Task]:
+    """One regression task per continuous assay: the measured value, else the bound (label = censoring code)."""
+    tasks = []
+    for assay, group in pairs.groupby("assay", sort=True):
+        if assay_binary[assay]:
+            continue
+        exact, lower, upper = (group[c].to_numpy() for c in ("exact", "lower", "upper"))
+        # a measurement, else a lone bound; a compound with both a ">" and a "<" bound says too little
+        censor = np.select(
+            [~np.isnan(exact), ~np.isnan(lower) & np.isnan(upper), np.isnan(lower) & ~np.isnan(upper)],
+            [CENSOR_EXACT, CENSOR_ABOVE, CENSOR_BELOW],
+            0,
+        ).astype(np.int8)
+        value = np.where(censor == CENSOR_EXACT, exact, np.where(censor == CENSOR_ABOVE, lower, upper))
+        keep = censor > 0
+        if keep.any():
+            compound = group["compound"].to_numpy()[keep]
+            tasks.append(_Task(assay_names[assay], int(assay), None, compound, censor[keep], value[keep]))
+    return tasks
+
+
 def _threshold_tasks(
     pairs: pd.DataFrame, assay_binary: np.ndarray, assay_names: list[str], thresholds: tuple[float, ...]
 ) -> list[_Task]:
@@ -751,6 +797,7 @@ def _write_site(
     site: str,
     tasks: list[_Task],
     stats: pd.DataFrame,
+    regression: list[_Task],
     x_all: sp.csr_matrix,
     folds: np.ndarray,
     compounds: list[str],
@@ -789,7 +836,7 @@ def _write_site(
         }
     )
 
-    folder.mkdir(parents=True, exist_ok=True)
+    regression_table = _write_regression(folder, regression, rows, folds, config)
     sp.save_npz(folder / "X.npz", x_all[rows])
     sp.save_npz(folder / "Y.npz", y)
     sp.save_npz(folder / "values.npz", values)
@@ -815,7 +862,11 @@ def _write_site(
             "min_train_inactives": config.min_train_inactives,
             "min_eval_actives": config.min_eval_actives,
             "min_eval_inactives": config.min_eval_inactives,
+            "min_regression_values": config.min_regression_values,
+            "min_eval_regression_values": config.min_eval_regression_values,
         },
+        "n_regression_tasks": len(regression_table),
+        "n_regression_tasks_evaluate": int(regression_table["evaluate"].sum()),
         "source": source,
         "sha256": {name: sha256_file(folder / name) for name in SITE_FILES},
     }
@@ -826,4 +877,46 @@ def _write_site(
         "tasks_eval": manifest["n_tasks_evaluate"],
         "labels": manifest["n_labels"],
         "assays": int(table["assay"].nunique()),
+        "regression_tasks": manifest["n_regression_tasks"],
+        "regression_tasks_eval": manifest["n_regression_tasks_evaluate"],
     }
+
+
+def _write_regression(
+    folder: Path, regression: list[_Task], rows: np.ndarray, folds: np.ndarray, config: PrepareConfig
+) -> pd.DataFrame:
+    """The partner's regression tasks on its own compounds (``rows``) that pass the regression quorum:
+    ``regression.npz`` (row, task, value, censor per value) and ``regression_tasks.csv``."""
+    entries, table = [], []
+    for task in regression:
+        keep = np.isin(task.compound, rows)
+        compound, censor, value = task.compound[keep], task.label[keep], task.value[keep]
+        measured_in_test = (censor == CENSOR_EXACT) & (folds[compound] == config.test_fold)
+        if len(compound) < config.min_regression_values:
+            continue
+        entries.append((np.searchsorted(rows, compound), np.full(len(compound), len(table)), value, censor))
+        table.append(
+            {
+                "task_id": task.task_id,
+                "assay": task.task_id.rpartition("/")[2],
+                "values": int(len(compound)),
+                "measured": int((censor == CENSOR_EXACT).sum()),
+                "test_measured": int(measured_in_test.sum()),
+                "evaluate": bool(measured_in_test.sum() >= config.min_eval_regression_values),
+            }
+        )
+    if entries:
+        row, column, value, censor = (np.concatenate(parts) for parts in zip(*entries, strict=True))
+    else:
+        row = column = value = censor = np.zeros(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        folder / "regression.npz",
+        row=row.astype(np.int64),
+        task=column.astype(np.int64),
+        value=value.astype(np.float32),
+        censor=censor.astype(np.int8),
+    )
+    frame = pd.DataFrame(table, columns=["task_id", "assay", "values", "measured", "test_measured", "evaluate"])
+    frame.to_csv(folder / "regression_tasks.csv", index=False)
+    return frame

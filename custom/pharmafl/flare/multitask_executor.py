@@ -37,6 +37,7 @@ class MultiTaskExecutor(SiteTrainingExecutor):
         local_epochs: int = 1,
         validation_fold: int = 1,
         seed: int = 0,
+        regression_weight: float = 0.0,
         upload: str = "trunk",
         log_writer_id: str = "log_writer",
         train_task_name: str = AppConstants.TASK_TRAIN,
@@ -50,8 +51,10 @@ class MultiTaskExecutor(SiteTrainingExecutor):
         Args:
             data_root: folder holding one prepared folder per site (``pharmafl prepare chem``);
                 empty means the ``PHARMAFL_DATA`` environment variable. ``$VARS`` and ``~`` expand.
-            dropout, learning_rate, weight_decay, batch_size, local_epochs, validation_fold, seed:
-                local training hyperparameters (see ``TrainConfig``).
+            dropout, learning_rate, weight_decay, batch_size, local_epochs, validation_fold, seed,
+                regression_weight: local training hyperparameters (see ``TrainConfig``); a positive
+                ``regression_weight`` trains the site's private regression head next to its
+                classification head.
             upload: ``trunk`` (default: only ``trunk.*`` leaves the executor) or ``all`` (trunk and
                 head; for testing that a site's privacy filter removes the head).
             log_writer_id: id of a FLARE ``TBWriter`` component; metrics stream to the server's
@@ -68,6 +71,7 @@ class MultiTaskExecutor(SiteTrainingExecutor):
             local_epochs=local_epochs,
             validation_fold=validation_fold,
             seed=seed,
+            regression_weight=regression_weight,
         )
         self.upload = upload
         self.global_trunk: dict = {}
@@ -100,7 +104,9 @@ class MultiTaskExecutor(SiteTrainingExecutor):
     def save_final(self, trainer: MultiTaskTrainer, fl_ctx: FLContext) -> None:
         path = os.path.join(self.run_dir, FINAL_MODEL_FILE)
         torch.save(trainer.model.state_dict(), path)
-        card = model_card(trainer.data, trainer.model.trunk.hidden_sizes, self.config.dropout)
+        card = model_card(
+            trainer.data, trainer.model.trunk.hidden_sizes, self.config.dropout, trainer.regression_task_ids
+        )
         with open(os.path.join(self.run_dir, MODEL_CARD), "w") as f:
             json.dump(card, f, indent=2)
         self.log_info(fl_ctx, f"saved this site's final model (trunk + private head) to {path}, for `pharmafl predict`")

@@ -16,7 +16,17 @@ from pharmafl.report import SITE_METRICS_FILE
 
 # The aggregate metrics the multi-task executor reports (``pharmafl.metrics.summarize``) and the metric set
 # nesting them (``validation``); names, not structure, decide, because a task id can key a scalar as well.
-AGGREGATE_METRICS = ("auc_roc", "auc_pr", "auc_pr_cal", "brier", "tasks_evaluated", "validation")
+AGGREGATE_METRICS = (
+    "auc_roc",
+    "auc_pr",
+    "auc_pr_cal",
+    "brier",
+    "tasks_evaluated",
+    "validation",
+    "regression",
+    "r2",
+    "rmse",
+)
 
 
 def _is_number(value) -> bool:

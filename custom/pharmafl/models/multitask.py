@@ -1,6 +1,7 @@
 """SparseChem-like multi-task network: a shared trunk over sparse fingerprints and a per-partner head.
 
-Parameter names start with ``trunk.`` (shared, aggregated) or ``head.`` (private to its partner).
+Parameter names start with ``trunk.`` (shared, aggregated) or ``head.`` / ``regression_head.`` (private to
+its partner).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import torch
 from torch import nn
 
 TRUNK_PREFIX = "trunk."
-HEAD_PREFIX = "head."
 
 
 class Trunk(nn.Module):
@@ -57,13 +57,43 @@ class TrunkModel(nn.Module):
             self.trunk = Trunk(n_features, hidden_sizes, dropout)
 
 
-class MultiTaskNet(nn.Module):
-    """Trunk + classification head (one logit per task of this partner)."""
+class RegressionHead(nn.Module):
+    """One output per regression task, in the task's own units: a linear layer on standardised targets,
+    with each task's training mean and standard deviation kept as buffers (saved with the model)."""
 
-    def __init__(self, n_features: int, n_tasks: int, hidden_sizes: Sequence[int] = (400,), dropout: float = 0.2):
+    def __init__(self, in_features: int, n_tasks: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, n_tasks)
+        self.register_buffer("mean", torch.zeros(n_tasks))
+        self.register_buffer("std", torch.ones(n_tasks))
+
+    def standardised(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden) * self.std + self.mean
+
+
+class MultiTaskNet(nn.Module):
+    """Trunk + classification head (one logit per task of this partner) + optional regression head.
+
+    Everything but the trunk is the partner's own (``head.``, ``regression_head.``): it never leaves the site.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_tasks: int,
+        hidden_sizes: Sequence[int] = (400,),
+        dropout: float = 0.2,
+        n_regression_tasks: int = 0,
+    ):
         super().__init__()
         self.trunk = Trunk(n_features, hidden_sizes, dropout)
         self.head = nn.Linear(self.trunk.output_size, n_tasks)
+        self.regression_head = (
+            RegressionHead(self.trunk.output_size, n_regression_tasks) if n_regression_tasks else None
+        )
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(indices, offsets))
@@ -72,7 +102,8 @@ class MultiTaskNet(nn.Module):
         return {k: v.detach().cpu().numpy().copy() for k, v in self.state_dict().items() if k.startswith(TRUNK_PREFIX)}
 
     def head_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(HEAD_PREFIX)}
+        """The partner's private parameters: the classification and (when present) the regression head."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if not k.startswith(TRUNK_PREFIX)}
 
     def load_trunk(self, weights: Mapping[str, np.ndarray]) -> None:
         """Copy global trunk weights in place (optimizer state keeps pointing at the same tensors)."""

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from pharmafl.chem.dataset import SiteData
+from pharmafl.chem.dataset import CENSOR_ABOVE, CENSOR_BELOW, CENSOR_EXACT, SiteData
 from pharmafl.conformal import conformal_summary
-from pharmafl.metrics import per_task_auc, summarize
+from pharmafl.metrics import per_task_auc, regression_metrics, summarize
 from pharmafl.models.multitask import MultiTaskNet
 from pharmafl.training.progress import StepCallback
 
@@ -33,12 +33,17 @@ class TrainConfig:
     local_epochs: int = 1
     validation_fold: int = 1
     seed: int = 0
+    # Weight of the censored-MSE regression loss on the partner's regression tasks (standardised pChEMBL
+    # values) next to the classification loss; 0 (default) trains no regression head.
+    regression_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.local_epochs <= 0:
             raise ValueError("batch_size and local_epochs must be positive")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not (math.isfinite(self.regression_weight) and self.regression_weight >= 0):
+            raise ValueError(f"regression_weight must be a finite number >= 0, got {self.regression_weight}")
 
 
 def sparse_batch(X: sparse.csr_matrix, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +65,17 @@ def predict_probabilities(
         indices, offsets = sparse_batch(X, rows[start : start + batch_size])
         out.append(torch.sigmoid(model(indices, offsets)).numpy())
     return np.concatenate(out) if out else np.zeros((0, model.head.out_features), dtype=np.float32)
+
+
+@torch.no_grad()
+def predict_values(model: MultiTaskNet, X: sparse.csr_matrix, rows: np.ndarray, batch_size: int = 2048) -> np.ndarray:
+    """Regression predictions (rows x regression tasks, in each task's units) of ``model``, in eval mode."""
+    model.eval()
+    out = []
+    for start in range(0, len(rows), batch_size):
+        indices, offsets = sparse_batch(X, rows[start : start + batch_size])
+        out.append(model.regression_head(model.trunk(indices, offsets)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.regression_head.linear.out_features), dtype=np.float32)
 
 
 class _Optimizers:
@@ -105,7 +121,16 @@ class MultiTaskTrainer:
         if len(self.train_rows) == 0:
             raise ValueError(f"site at {data.path} has no training compounds outside the test/validation folds")
         torch.manual_seed(config.seed)
-        self.model = MultiTaskNet(data.n_features, data.n_tasks, hidden_sizes or config.hidden_sizes, config.dropout)
+        self.regression = data.regression if config.regression_weight > 0 and data.regression else None
+        self.model = MultiTaskNet(
+            data.n_features,
+            data.n_tasks,
+            hidden_sizes or config.hidden_sizes,
+            config.dropout,
+            self.regression.n_tasks if self.regression else 0,
+        )
+        if self.regression:
+            self._standardise_regression_targets()
         self.optimizer = make_optimizer(self.model, config)
         self.rng = np.random.default_rng(config.seed)
         # Dropout draws from torch's global generator: keep this trainer's own stream of it, so a
@@ -142,9 +167,12 @@ class MultiTaskTrainer:
                 indices, offsets = sparse_batch(self.data.X, rows)
                 y = torch.from_numpy(labels[rows].toarray().astype(np.float32))
                 observed = y != 0
-                logits = self.model(indices, offsets)
+                hidden = self.model.trunk(indices, offsets)
+                logits = self.model.head(hidden)
                 # BCE on observed labels only: unmeasured compound/task pairs carry no signal.
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[observed], (y[observed] > 0).float())
+                if self.regression:
+                    loss = loss + self.config.regression_weight * self._censored_mse(hidden, rows)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -153,6 +181,58 @@ class MultiTaskTrainer:
                     progress(steps, total, float(loss.detach()))
             self.epochs_done += 1
         return steps
+
+    def _standardise_regression_targets(self) -> None:
+        """Each regression task's mean and std over its measured training values (bounds included when a task
+        has fewer than two measurements), so that every task weighs alike in the loss."""
+        values = self.regression.values[self.train_rows].tocsc()
+        censor = self.regression.censor[self.train_rows].tocsc()
+        mean, std = np.zeros(self.regression.n_tasks), np.ones(self.regression.n_tasks)
+        for task in range(self.regression.n_tasks):
+            start, end = values.indptr[task], values.indptr[task + 1]
+            column, codes = values.data[start:end], censor.data[start:end]
+            measured = column[codes == CENSOR_EXACT] if (codes == CENSOR_EXACT).sum() >= 2 else column
+            if len(measured):
+                mean[task] = float(np.mean(measured))
+                std[task] = float(np.std(measured)) if len(measured) >= 2 and np.std(measured) > 0 else 1.0
+        head = self.model.regression_head
+        head.mean.copy_(torch.as_tensor(mean, dtype=head.mean.dtype))
+        head.std.copy_(torch.as_tensor(std, dtype=head.std.dtype))
+
+    def _censored_mse(self, hidden: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Mean squared error in standard units over the batch's regression values; a ">" bound is only
+        penalised when the prediction falls below it, a "<" bound when it rises above it."""
+        censor = torch.from_numpy(self.regression.censor[rows].toarray())
+        present = censor != 0
+        if not present.any():
+            return hidden.new_zeros(())
+        head = self.model.regression_head
+        target = (torch.from_numpy(self.regression.values[rows].toarray()) - head.mean) / head.std
+        residual = head.standardised(hidden) - target
+        residual = torch.where(censor == CENSOR_ABOVE, residual.clamp(max=0), residual)
+        residual = torch.where(censor == CENSOR_BELOW, residual.clamp(min=0), residual)
+        return residual[present].pow(2).mean()
+
+    def evaluate_regression(self, rows: np.ndarray) -> dict:
+        """Per evaluated regression task, R² and RMSE over the measured values in ``rows``; and their means."""
+        predictions = predict_values(self.model, self.data.X, rows)
+        values = self.regression.values[rows].toarray()
+        measured = self.regression.censor[rows].toarray() == CENSOR_EXACT
+        # the evaluation quorum of the preparation (measured values in the test fold), on the fold scored
+        quorum = max(2, int(self.data.manifest.get("quorum", {}).get("min_eval_regression_values", 10)))
+        per_task = {}
+        for task in np.flatnonzero(self.regression.eval_task_mask):
+            mask = measured[:, task]
+            if mask.sum() < quorum:
+                continue
+            per_task[str(self.regression.tasks["task_id"].iloc[task])] = regression_metrics(
+                values[mask, task], predictions[mask, task]
+            )
+        means = {
+            name: float(np.mean([m[name] for m in per_task.values()])) if per_task else float("nan")
+            for name in ("r2", "rmse")
+        }
+        return {**means, "tasks_evaluated": len(per_task), "per_task": per_task}
 
     @torch.no_grad()
     def predict(self, rows: np.ndarray, batch_size: int = 2048) -> np.ndarray:
@@ -179,6 +259,8 @@ class MultiTaskTrainer:
         for task_id, metrics in per_task.items():
             metrics["train_labels"] = int(train_labels[column[task_id]])
         result = {**summarize(per_task), "per_task": per_task}
+        if self.regression:
+            result["regression"] = self.evaluate_regression(rows)
         if fold == self.test_fold:  # conformal sets on the test fold, calibrated on the validation fold
             calibration = self.data.rows_in_folds([self.config.validation_fold])
             result["conformal"] = conformal_summary(
@@ -195,6 +277,10 @@ class MultiTaskTrainer:
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return self.model.head_state()
+
+    @property
+    def regression_task_ids(self) -> list[str]:
+        return list(self.regression.tasks["task_id"]) if self.regression else []
 
     def load_head(self, state: Mapping[str, torch.Tensor]) -> None:
         missing = self.model.load_state_dict(dict(state), strict=False)
