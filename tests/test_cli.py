@@ -102,3 +102,9 @@ def test_set_reads_json_values_and_keeps_strings():
         ["simulate", "j", "--data", "d", "--workspace", "w", "--set", "grad_noise_std=1e-4", "--set", "upload=delta"]
     )
     assert args.set == [("grad_noise_std", 1e-4), ("upload", "delta")]
+
+
+def test_experiment_refuses_an_unknown_baseline_setting(tmp_path):
+    result = pharmafl("experiment", "chem", "--data", "d", "--out", "o", "--baseline-set", "drop=0.2", cwd=tmp_path)
+    assert_clean_error(result, "--baseline-set: unknown setting 'drop'")
+    assert not (tmp_path / "o").exists()

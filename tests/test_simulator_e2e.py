@@ -150,8 +150,17 @@ def test_an_experiment_with_the_regression_head_reports_r2_deltas_and_keeps_the_
 
     overrides = {"regression_weight": 1.0}
     result = run_chem_experiment(
-        chembl_small, tmp_path / "exp", JOB, 1, 1, progress=lambda _m: None, overrides=overrides
+        chembl_small,
+        tmp_path / "exp",
+        JOB,
+        1,
+        1,
+        progress=lambda _m: None,
+        overrides=overrides,
+        baseline_overrides={"dropout": 0.3},  # the single-partner side's own setting
     )
+    single = json.loads((tmp_path / "exp/seed-0/single_partner/summary.json").read_text())["config"]
+    assert single["dropout"] == 0.3 and single["regression_weight"] == 1.0
     for site in ("site-1", "site-2"):
         regression = result["sites"][site]["regression"]
         assert regression["per_task"]["tasks"] > 0

@@ -202,6 +202,7 @@ def cmd_experiment_chem(args: argparse.Namespace) -> int:
         args.overwrite,
         progress=lambda message: print(message, flush=True),
         overrides=_executor_overrides(args),
+        baseline_overrides=dict(args.baseline_set or []) or None,
     )
     print(format_seeds_table(result))
     print(f"wrote {Path(args.out) / 'summary.json'}")
@@ -495,6 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline-rounds", type=int, default=None, help="single-partner rounds (default: the federated rounds)"
     )
     _add_executor_overrides(experiment_chem)
+    experiment_chem.add_argument(
+        "--baseline-set",
+        action="append",
+        type=_assignment,
+        metavar="NAME=VALUE",
+        help="a training setting of the single-partner side only (repeatable), e.g. --baseline-set dropout=0.2",
+    )
     _add_overwrite(experiment_chem, "an earlier experiment in --out")
     experiment_chem.set_defaults(func=cmd_experiment_chem)
 

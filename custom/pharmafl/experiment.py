@@ -7,6 +7,7 @@ over its tasks on the seed-averaged per-task AUC-PR, as MELLODDY compared multi-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from pharmafl.report import (
     site_metrics,
 )
 from pharmafl.simulate import run_simulator
+from pharmafl.training.multitask import TrainConfig
 
 EXPERIMENT = "experiment chem"
 CONFORMAL_LEVELS = ("0.8", "0.9")
@@ -53,12 +55,20 @@ def run_chem_experiment(
     overwrite: bool = False,
     progress: Callable[[str], None] = print,
     overrides: dict | None = None,
+    baseline_overrides: dict | None = None,
 ) -> dict:
     """Federated and single-partner runs for seeds 0..seeds-1 under ``out_dir``; returns (and writes) the summary.
 
-    ``overrides``: executor arguments changed for both sides (the baseline reads them from the job copy)."""
+    ``overrides``: executor arguments changed for both sides (the baseline reads them from the job copy);
+    ``baseline_overrides``: training settings of the single-partner side only (its own validation-fold winner)."""
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
+    settings = {field.name for field in dataclasses.fields(TrainConfig)} - {"seed"}
+    unknown = sorted(set(baseline_overrides or {}) - settings)
+    if unknown:
+        raise UserError(
+            f"--baseline-set: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(settings))}"
+        )
     sites = prepared_sites(data_dir)
     check_output(out_dir, (EXPERIMENT,), overwrite, "--out", reads=[data_dir, job_dir])
     with staged_output(out_dir, EXPERIMENT) as out:
@@ -72,21 +82,14 @@ def run_chem_experiment(
             progress(f"seed {seed}: single-partner baseline")
             job_rounds = read_json(job / SERVER_CONFIG)["num_rounds"]
             run_single_partner(
-                data_dir, folder / "single_partner", job, baseline_rounds or job_rounds, lambda _m: None, {"seed": seed}
+                data_dir,
+                folder / "single_partner",
+                job,
+                baseline_rounds or job_rounds,
+                lambda _m: None,
+                {**(baseline_overrides or {}), "seed": seed},
             )
-            summary = build_summary(workspace, folder / "single_partner")
-            summary["per_task_federated"] = _federated_per_task(summary)
-            single_sites = json.loads((folder / "single_partner" / "summary.json").read_text())["sites"]
-            summary["per_task_single"] = {site: result.get("per_task", {}) for site, result in single_sites.items()}
-            run_dir = Path(summary["run_dir"])
-            summary["regression_federated"] = {
-                site: ((site_metrics(run_dir, site) or {}).get("regression") or {}).get("per_task", {})
-                for site in summary["sites"]
-            }
-            summary["regression_single"] = {
-                site: (result.get("regression") or {}).get("per_task", {}) for site, result in single_sites.items()
-            }
-            per_seed.append(summary)
+            per_seed.append(seed_summary(folder))
         result = combine_seeds(per_seed)
         result["rounds"] = per_seed[0]["rounds"]
         (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -94,9 +97,22 @@ def run_chem_experiment(
     return result
 
 
-def _federated_per_task(summary: dict) -> dict[str, dict]:
+def seed_summary(folder: Path) -> dict:
+    """One seed's report summary (``<folder>/federated`` against ``<folder>/single_partner``) with both sides'
+    per-task classification and regression results, as ``combine_seeds`` takes them."""
+    summary = build_summary(folder / "federated", folder / "single_partner")
     run_dir = Path(summary["run_dir"])
-    return {site: (site_metrics(run_dir, site) or {}).get("per_task", {}) for site in summary["sites"]}
+    federated = {site: site_metrics(run_dir, site) or {} for site in summary["sites"]}
+    single = json.loads((folder / "single_partner" / "summary.json").read_text())["sites"]
+    summary["per_task_federated"] = {site: result.get("per_task", {}) for site, result in federated.items()}
+    summary["per_task_single"] = {site: result.get("per_task", {}) for site, result in single.items()}
+    summary["regression_federated"] = {
+        site: (result.get("regression") or {}).get("per_task", {}) for site, result in federated.items()
+    }
+    summary["regression_single"] = {
+        site: (result.get("regression") or {}).get("per_task", {}) for site, result in single.items()
+    }
+    return summary
 
 
 def combine_seeds(per_seed: list[dict]) -> dict:
