@@ -88,3 +88,14 @@ def test_regression_head_learns_the_training_values(site):
     after = trainer.evaluate_regression(trainer.train_rows)
     assert after["tasks_evaluated"] > 0
     assert after["rmse"] < before["rmse"] and after["r2"] > before["r2"] + 0.2
+
+
+def test_a_partner_without_regression_tasks_trains_no_regression_head(site):
+    empty = site.regression.__class__(
+        site.regression.values[:, :0], site.regression.censor[:, :0], site.regression.tasks.iloc[:0]
+    )
+    trainer = MultiTaskTrainer(
+        site.__class__(**{**site.__dict__, "regression": empty}), TrainConfig(regression_weight=1), [16]
+    )
+    assert trainer.model.regression_head is None and trainer.regression_task_ids == []
+    assert trainer.train(epochs=1) > 0 and "regression" not in trainer.evaluate()

@@ -121,7 +121,9 @@ class MultiTaskTrainer:
         if len(self.train_rows) == 0:
             raise ValueError(f"site at {data.path} has no training compounds outside the test/validation folds")
         torch.manual_seed(config.seed)
-        self.regression = data.regression if config.regression_weight > 0 and data.regression else None
+        # a partner without regression tasks (binary assays only) trains no regression head, whatever the weight
+        has_tasks = data.regression is not None and data.regression.n_tasks > 0
+        self.regression = data.regression if config.regression_weight > 0 and has_tasks else None
         self.model = MultiTaskNet(
             data.n_features,
             data.n_tasks,
