@@ -34,7 +34,7 @@ _ROUND_LINE = re.compile(r"^(\S+ \S+) - ScatterAndGather - .* Round (\d+) (start
 
 
 def simulator_phases(server_log: Path, started: float, wall_s: float) -> dict:
-    """Where a simulator run's wall time went, from the server log's round lines (local clock, ms).
+    """Where a simulator run's wall time went, in seconds, from the timestamps of the server log's round lines.
 
     ``start_up_s``: command start until round 0 starts (the simulator, the client processes and their
     imports are counted in round 0 only where they overlap it); ``first_round_s``: round 0, which
