@@ -13,7 +13,7 @@ pharmafl=".venv/bin/pharmafl"
 out="${PHARMAFL_ESM_DIR:-runs/esm_experiments}"
 rounds="${ROUNDS:-15}"
 max_length="${MAX_LENGTH:-256}"
-model="${MODEL:-$(.venv/bin/python -c 'from pharmafl.models.esm_lora import offline_esm2_dir; print(offline_esm2_dir())')}"
+model="${MODEL:-$(.venv/bin/python -c 'from pharmafl.binding_sites.model import offline_esm2_dir; print(offline_esm2_dir())')}"
 data="../shared/data/proteins/gpsite"
 settings=(--set "max_length=$max_length")
 for split in iid label-skew; do

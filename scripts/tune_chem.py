@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from pharmafl.aggregation.weighted_mean import weighted_mean
-from pharmafl.chem.dataset import SiteData, load_site
 from pharmafl.jobs import prepared_sites
-from pharmafl.models.multitask import TrunkModel
-from pharmafl.training.multitask import MultiTaskTrainer, TrainConfig
+from pharmafl.multitask.dataset import SiteData, load_site
+from pharmafl.multitask.model import TrunkModel
+from pharmafl.multitask.train import MultiTaskTrainer, TrainConfig
 
 
 def validation_curves(trainers: list[MultiTaskTrainer], rounds: int, federated: bool) -> np.ndarray:

@@ -23,7 +23,7 @@ def chembl_small(chembl_csv, tmp_path_factory) -> Path:
 
     The default quorum leaves both sites with evaluable tasks at this size (about 150 tasks, 50+ evaluable).
     """
-    from pharmafl.chem.prepare import PrepareConfig, prepare_chem
+    from pharmafl.multitask.prepare import PrepareConfig, prepare_chem
 
     out_dir = tmp_path_factory.mktemp("chembl_small")
     config = PrepareConfig(sites=["site-1", "site-2"], max_compounds=4000)
@@ -50,7 +50,7 @@ def gpsite_small(gpsite_dir, tmp_path_factory) -> Path:
 
     Returns the out_dir: site-1/, site-2/ (train.jsonl, test.jsonl, manifest.json), common_test/, summary.json.
     """
-    from pharmafl.proteins.splits import SplitConfig, prepare_binding_sites
+    from pharmafl.binding_sites.splits import SplitConfig, prepare_binding_sites
 
     out_dir = tmp_path_factory.mktemp("gpsite_small")
     config = SplitConfig(clients=2, split="iid", max_length=256, max_chains_per_input=60)

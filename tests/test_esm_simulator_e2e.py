@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from pharmafl.esm_baseline import run_esm_baseline
+from pharmafl.binding_sites.baseline import run_esm_baseline
+from pharmafl.binding_sites.report import ESM_METRICS
+from pharmafl.core.paths import repo_root
 from pharmafl.flare.state_persistor import STATE_FILE
-from pharmafl.jobs import repo_root
-from pharmafl.report import ESM_METRICS, write_report
-from pharmafl.simulate import run_simulator
+from pharmafl.jobs.simulate import run_simulator
+from pharmafl.report import write_report
 
 pytestmark = pytest.mark.slow
 

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from pharmafl.errors import UserError
-from pharmafl.jobs import job_configs, repo_root, site_local_dir, write_job_copy
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import repo_root
+from pharmafl.jobs import job_configs, site_local_dir, write_job_copy
 
 JOBS = sorted(p for p in (repo_root() / "jobs").iterdir() if (p / "meta.json").is_file())
 

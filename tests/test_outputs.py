@@ -2,8 +2,8 @@
 
 import pytest
 
-from pharmafl.errors import UserError
-from pharmafl.outputs import check_output, staged_output, write_marker
+from pharmafl.core.errors import UserError
+from pharmafl.core.outputs import check_output, staged_output, write_marker
 
 
 def test_a_failure_inside_the_staged_write_leaves_the_old_output_whole(tmp_path):

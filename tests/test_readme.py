@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from pharmafl.jobs import repo_root, write_job_copy
+from pharmafl.core.paths import repo_root
+from pharmafl.jobs import write_job_copy
 
 pytestmark = pytest.mark.slow
 README = repo_root() / "README.md"

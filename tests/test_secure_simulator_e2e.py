@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pharmafl.aggregation.secure_sum.encoding import choose_fixed_point
-from pharmafl.aggregation.secure_sum.ledger import LEDGER_FILE, SITE_LEDGER_FILE, read_ledger, verify_run
 from pharmafl.cli import main
-from pharmafl.errors import UserError
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import repo_root
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
-from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, repo_root
-from pharmafl.simulate import run_simulator
+from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component
+from pharmafl.jobs.simulate import run_simulator
+from pharmafl.secure_sum.encoding import choose_fixed_point
+from pharmafl.secure_sum.ledger import LEDGER_FILE, SITE_LEDGER_FILE, read_ledger, verify_run
 from pharmafl.testing.secure_sum import BLIND_MEAN, BLIND_MODEL, MEANS_DIR, RECORD_DIR
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ BITS = 1024
 
 @pytest.fixture(scope="module")
 def five_sites(chembl_csv, tmp_path_factory):
-    from pharmafl.chem.prepare import PrepareConfig, prepare_chem
+    from pharmafl.multitask.prepare import PrepareConfig, prepare_chem
 
     out_dir = tmp_path_factory.mktemp("chembl_five")
     prepare_chem(str(chembl_csv), str(out_dir), PrepareConfig(sites=SITES, max_compounds=3000, n_bits=BITS), None)
@@ -206,7 +207,7 @@ def tiny_job(name, out_dir, initial_model):
 def same_start(five_sites, tmp_path_factory):
     """multitask_fedavg, multitask_secure and multitask_secure_blind, 2 rounds each from the same initial trunk:
     {job: (workspace, server run dir, the server's final model, per-site final metrics)} and the initial trunk."""
-    from pharmafl.models.multitask import TrunkModel
+    from pharmafl.multitask.model import TrunkModel
 
     tmp = tmp_path_factory.mktemp("same_start")
     torch.manual_seed(0)

@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from pharmafl.errors import UserError
-from pharmafl.jobs import CLIENT_CONFIG, find_component, repo_root, write_job_copy
-from pharmafl.simulate import _inject_faults, parse_fault
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import repo_root
+from pharmafl.jobs import CLIENT_CONFIG, find_component, write_job_copy
+from pharmafl.jobs.simulate import _inject_faults, parse_fault
 
 
 def test_fault_specs_parse_and_bad_ones_are_refused():

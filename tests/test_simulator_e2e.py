@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from pharmafl.baseline import run_single_partner
+from pharmafl.core.paths import repo_root
+from pharmafl.core.report import tensorboard_curves
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
 from pharmafl.flare.multitask_executor import FINAL_MODEL_FILE, HEAD_FILE
-from pharmafl.jobs import repo_root
-from pharmafl.report import tensorboard_curves, write_report
-from pharmafl.simulate import run_simulator
+from pharmafl.jobs.simulate import run_simulator
+from pharmafl.multitask.baseline import run_single_partner
+from pharmafl.report import write_report
 
 pytestmark = pytest.mark.slow
 JOB = repo_root() / "jobs" / "multitask_fedavg"
@@ -107,7 +108,7 @@ def test_a_site_whose_task_raises_fails_the_run_with_its_error_on_the_console(ch
 def test_progress_lines_name_the_site_and_the_loss_reaches_tensorboard(finished_run):
     result, workspace = finished_run
     log = open(result["log"]).read()
-    from pharmafl.simulate import PROGRESS, console_line
+    from pharmafl.jobs.simulate import PROGRESS, console_line
 
     shown = [console_line(line) for line in log.splitlines() if PROGRESS.search(line)]
     for site in ("site-1", "site-2"):
@@ -119,7 +120,7 @@ def test_progress_lines_name_the_site_and_the_loss_reaches_tensorboard(finished_
 def test_an_experiment_over_seeds_and_the_same_seed_gives_the_same_results(finished_run, chembl_small, tmp_path):
     # seed 0 is the job's own seeds: the experiment's seed-0 run repeats finished_run exactly (it did not, before
     # the server's initial trunk was seeded); seed 1 differs
-    from pharmafl.experiment import format_seeds_table, run_chem_experiment
+    from pharmafl.multitask.experiment import format_seeds_table, run_chem_experiment
 
     result = run_chem_experiment(chembl_small, tmp_path / "exp", JOB, seeds=2, rounds=2, progress=lambda _m: None)
     _, workspace = finished_run
@@ -146,7 +147,7 @@ def test_an_experiment_over_seeds_and_the_same_seed_gives_the_same_results(finis
 
 
 def test_an_experiment_with_the_regression_head_reports_r2_deltas_and_keeps_the_head_home(chembl_small, tmp_path):
-    from pharmafl.experiment import format_seeds_table, run_chem_experiment
+    from pharmafl.multitask.experiment import format_seeds_table, run_chem_experiment
 
     overrides = {"regression_weight": 1.0}
     result = run_chem_experiment(
@@ -181,9 +182,9 @@ def test_predict_round_trip_gives_the_scores_the_report_used(finished_run, chemb
     # validation (the site's site_metrics.json); a molecule that cannot be featurised keeps its row
     import pandas as pd
 
-    from pharmafl.chem.dataset import load_site
     from pharmafl.cli import main
-    from pharmafl.metrics import per_task_auc
+    from pharmafl.core.metrics import per_task_auc
+    from pharmafl.multitask.dataset import load_site
 
     _, workspace = finished_run
     site_dir = workspace / "site-1" / "simulate_job"

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from pharmafl.jobs import repo_root
-from pharmafl.outputs import SIMULATE, write_marker
-from pharmafl.simulate import MARKER
+from pharmafl.core.outputs import SIMULATE, write_marker
+from pharmafl.core.paths import repo_root
+from pharmafl.jobs.simulate import MARKER
 
 JOBS = repo_root() / "jobs"
 
@@ -38,7 +38,7 @@ def old_workspace(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chem_1024(chembl_csv, tmp_path_factory):
-    from pharmafl.chem.prepare import PrepareConfig, prepare_chem
+    from pharmafl.multitask.prepare import PrepareConfig, prepare_chem
 
     out = tmp_path_factory.mktemp("chem_1024") / "data"
     prepare_chem(

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import pharmafl.aggregation.fra_lora as fra
+from pharmafl.aggregation.bench import esm2_param_estimate, lora_trainable_params
 from pharmafl.aggregation.fra_lora import (
     check_lora_update,
     dense_mean_svd,
@@ -14,7 +15,6 @@ from pharmafl.aggregation.fra_lora import (
     product_error,
     split_factors,
 )
-from pharmafl.bench_fra_lora import esm2_param_estimate, lora_trainable_params
 
 
 def random_factors(rng, d_out, d_in, ranks, dtype=np.float64):

@@ -24,7 +24,7 @@ def free_port_pair() -> int:
 @pytest.fixture(scope="session")
 def chembl_consortium(chembl_csv, tmp_path_factory) -> Path:
     """The first 4,000 ChEMBL compounds prepared for the POC sites pharma-a, pharma-b, pharma-c."""
-    from pharmafl.chem.prepare import PrepareConfig, prepare_chem
+    from pharmafl.multitask.prepare import PrepareConfig, prepare_chem
 
     out_dir = tmp_path_factory.mktemp("chembl_consortium")
     summary = prepare_chem(str(chembl_csv), str(out_dir), PrepareConfig(sites=SITES, max_compounds=4000), progress=None)

@@ -16,8 +16,9 @@ from pharmafl.consortium.approval import (
     refusal_message,
 )
 from pharmafl.consortium.policies import site_policy_dir
-from pharmafl.errors import UserError
-from pharmafl.jobs import CLIENT_CONFIG, repo_root
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import repo_root
+from pharmafl.jobs import CLIENT_CONFIG
 
 JOB = repo_root() / "jobs" / "multitask_fedavg"
 

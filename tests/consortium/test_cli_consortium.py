@@ -1,7 +1,7 @@
 import pytest
 
 from pharmafl.cli import main
-from pharmafl.jobs import repo_root
+from pharmafl.core.paths import repo_root
 
 JOB = repo_root() / "jobs" / "multitask_fedavg"
 

@@ -10,14 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pharmafl.aggregation.secure_sum.ledger import LEDGER_FILE, read_ledger, verify_run
 from pharmafl.cli import main
 from pharmafl.consortium.approval import add_entries, job_entries
 from pharmafl.consortium.poc import flare_processes, poc_down, poc_status, poc_up, poc_workspace
 from pharmafl.consortium.submit import submit_job
-from pharmafl.errors import UserError
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import repo_root
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
-from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, read_json, repo_root, write_job_copy
+from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, read_json, write_job_copy
+from pharmafl.secure_sum.ledger import LEDGER_FILE, read_ledger, verify_run
 from pharmafl.testing.secure_sum import MEANS_DIR, RECORD_DIR
 
 from .conftest import SITES, free_port_pair

@@ -2,11 +2,12 @@ import json
 
 import pytest
 
-from pharmafl.aggregation.secure_sum.config import SitePolicy
 from pharmafl.consortium.poc import load_project, place_data, project_for_poc, site_names
 from pharmafl.consortium.policies import install_policies, merge_resources, site_policy_dir
-from pharmafl.errors import UserError
-from pharmafl.jobs import read_json, repo_root
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import repo_root
+from pharmafl.jobs import read_json
+from pharmafl.secure_sum.config import SitePolicy
 
 
 def test_project_has_a_server_three_sites_and_the_three_roles():

@@ -14,8 +14,8 @@ from nvflare.fuel.utils.zip_utils import zip_directory_to_bytes
 from nvflare.private.fed.server.job_meta_validator import JobMetaValidator
 
 from pharmafl.consortium.approval import FLARE_META_KEYS, add_entries, app_hash, job_entries
+from pharmafl.core.paths import repo_root
 from pharmafl.flare.job_approval import JobApprovalGuard
-from pharmafl.jobs import repo_root
 
 JOB = repo_root() / "jobs" / "multitask_fedavg"
 

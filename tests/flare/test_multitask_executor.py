@@ -6,7 +6,7 @@ from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 
 from pharmafl.flare.multitask_executor import FINAL_MODEL_FILE, HEAD_FILE, MultiTaskExecutor
-from pharmafl.models.multitask import TrunkModel
+from pharmafl.multitask.model import TrunkModel
 
 from .conftest import task
 
@@ -86,8 +86,8 @@ def test_mismatched_trunk_and_missing_data_fail_cleanly(started, tmp_path):
 
 
 def test_regression_head_stays_home_and_predict_gives_its_values(started, chembl_small, tmp_path):
-    from pharmafl.chem.predict import MODEL_CARD, predict_smiles_file
-    from pharmafl.training.multitask import predict_values
+    from pharmafl.multitask.predict import MODEL_CARD, predict_smiles_file
+    from pharmafl.multitask.train import predict_values
 
     _, fl_ctx, run_dir, _ = started
     executor = MultiTaskExecutor(data_root=str(chembl_small), batch_size=256, regression_weight=1.0)

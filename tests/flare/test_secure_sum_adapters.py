@@ -18,17 +18,6 @@ from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.aggregation.secure_sum.config import SecureSumConfig, SitePolicy
-from pharmafl.aggregation.secure_sum.keys import Advertisement
-from pharmafl.aggregation.secure_sum.ledger import (
-    Ledger,
-    cross_check,
-    model_digest,
-    record_hash,
-    round_record,
-    setup_record,
-)
-from pharmafl.aggregation.secure_sum.protocol import MaskedUpload, SecureSumServer
 from pharmafl.flare.secure_sum_blind import BlindModelLocator, BlindShareableGenerator, payload_model_digest
 from pharmafl.flare.secure_sum_site import SecureMaskFilter, SecureSumExecutor, SecureSumSite, SecureTaskDataFilter
 from pharmafl.flare.secure_sum_workflow import (
@@ -42,6 +31,17 @@ from pharmafl.flare.secure_sum_workflow import (
     UNMASK_TASK,
     SecureSumWorkflow,
 )
+from pharmafl.secure_sum.config import SecureSumConfig, SitePolicy
+from pharmafl.secure_sum.keys import Advertisement
+from pharmafl.secure_sum.ledger import (
+    Ledger,
+    cross_check,
+    model_digest,
+    record_hash,
+    round_record,
+    setup_record,
+)
+from pharmafl.secure_sum.protocol import MaskedUpload, SecureSumServer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "secure_sum"))
 from secagg_kit import ca_pem, make_ca, make_site_kit  # noqa: E402

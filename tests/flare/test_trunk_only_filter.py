@@ -9,8 +9,8 @@ from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.workspace import Workspace
 
+from pharmafl.core.report import SITE_METRICS_FILE
 from pharmafl.flare.trunk_only_filter import TrunkOnlyFilter, split_metrics
-from pharmafl.report import SITE_METRICS_FILE
 
 TASK_IDS = ("CHEMBL1614421_6.5", "pharma-a:assay-0042", "secret_target_x")
 

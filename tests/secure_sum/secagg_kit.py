@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from pharmafl.aggregation.secure_sum.config import SecureSumConfig, SitePolicy
-from pharmafl.aggregation.secure_sum.protocol import SecureSumClient, SecureSumServer
+from pharmafl.secure_sum.config import SecureSumConfig, SitePolicy
+from pharmafl.secure_sum.protocol import SecureSumClient, SecureSumServer
 
 JOB = "job-1"
 

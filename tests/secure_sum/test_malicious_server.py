@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pharmafl.aggregation.secure_sum.config import SecureSumConfig, SitePolicy
-from pharmafl.aggregation.secure_sum.encoding import decode_sum
-from pharmafl.aggregation.secure_sum.keys import (
+from pharmafl.secure_sum.config import SecureSumConfig, SitePolicy
+from pharmafl.secure_sum.encoding import decode_sum
+from pharmafl.secure_sum.keys import (
     Advertisement,
     SiteKeys,
     agree,
     pair_mask_key,
     self_mask_key,
 )
-from pharmafl.aggregation.secure_sum.prg import MaskStreamer
-from pharmafl.aggregation.secure_sum.protocol import (
+from pharmafl.secure_sum.prg import MaskStreamer
+from pharmafl.secure_sum.protocol import (
     KEY_SHARE,
     SELF_SEED,
     RefusedError,
@@ -31,7 +31,7 @@ from pharmafl.aggregation.secure_sum.protocol import (
     UnmaskRequest,
     _statement,
 )
-from pharmafl.aggregation.secure_sum.shamir import Share, reconstruct_secret
+from pharmafl.secure_sum.shamir import Share, reconstruct_secret
 
 sys.path.insert(0, str(Path(__file__).parent))
 from secagg_kit import JOB, Federation, ca_pem, make_ca, make_site_kit, random_updates, site_names  # noqa: E402
@@ -324,7 +324,7 @@ def signed_clients(consortium, config):
 def fake_advert(ca, name, config, **kit_args):
     keys = SiteKeys.generate(config.rounds)
     advert = Advertisement(name, JOB, keys.mask_publics, keys.share_public, keys.signing_public)
-    from pharmafl.aggregation.secure_sum.keys import sign_advertisement
+    from pharmafl.secure_sum.keys import sign_advertisement
 
     key_pem, cert_pem = kit_args.pop("kit", None) or make_site_kit(ca, name, **kit_args)
     return sign_advertisement(advert, key_pem, cert_pem)
@@ -413,7 +413,7 @@ def test_nan_and_inf_are_refused_at_the_site_before_masking():
 
 
 def test_a_stand_in_certificate_minted_by_the_ca_holder_is_refused_where_peers_are_pinned(consortium):
-    from pharmafl.aggregation.secure_sum.keys import certificate_sha256
+    from pharmafl.secure_sum.keys import certificate_sha256
 
     ca, sites, kits = consortium
     config = SecureSumConfig(threshold=3, rounds=2)

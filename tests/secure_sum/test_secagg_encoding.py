@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pharmafl.aggregation.secure_sum.encoding import FixedPoint, choose_fixed_point, decode_sum, encode_weighted
+from pharmafl.secure_sum.encoding import FixedPoint, choose_fixed_point, decode_sum, encode_weighted
 
 
 def modular_sum(vectors):

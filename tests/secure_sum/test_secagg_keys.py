@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pharmafl.aggregation.secure_sum.keys import (
+from pharmafl.secure_sum.keys import (
     Advertisement,
     SiteKeys,
     advertisement_problem,

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from pharmafl.aggregation.secure_sum.graph import default_neighbours, mask_graph
-from pharmafl.aggregation.secure_sum.prg import MaskStreamer, mask_array
+from pharmafl.secure_sum.graph import default_neighbours, mask_graph
+from pharmafl.secure_sum.prg import MaskStreamer, mask_array
 
 
 @pytest.mark.parametrize("dtype", [np.uint32, np.uint64])

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from pharmafl.aggregation.secure_sum.config import SecureSumConfig
-from pharmafl.aggregation.secure_sum.encoding import choose_fixed_point, decode_sum, encode_weighted
-from pharmafl.aggregation.secure_sum.protocol import RefusedError
+from pharmafl.secure_sum.config import SecureSumConfig
+from pharmafl.secure_sum.encoding import choose_fixed_point, decode_sum, encode_weighted
+from pharmafl.secure_sum.protocol import RefusedError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from secagg_kit import Federation, plaintext_mean  # noqa: E402

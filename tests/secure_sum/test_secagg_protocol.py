@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
-from pharmafl.aggregation.secure_sum.encoding import decode_sum, encode_weighted
-from pharmafl.aggregation.secure_sum.keys import agree, participants_digest, upload_signed_bytes
-from pharmafl.aggregation.secure_sum.protocol import (
+from pharmafl.secure_sum.encoding import decode_sum, encode_weighted
+from pharmafl.secure_sum.keys import agree, participants_digest, upload_signed_bytes
+from pharmafl.secure_sum.protocol import (
     MaskedUpload,
     SecureSumClient,
     SecureSumConfig,

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pharmafl.aggregation.secure_sum.shamir import Share, interpolate_at_zero, reconstruct_secret, split_secret
+from pharmafl.secure_sum.shamir import Share, interpolate_at_zero, reconstruct_secret, split_secret
 
 
 def test_any_t_of_n_reconstruct_and_t_minus_1_fail():

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pharmafl.errors import UserError
+from pharmafl.core.errors import UserError
 
 APPROVED_JOBS_FILE = "approved_jobs.json"
 # Written into a job's run folder at deployment: the entry the site's guard matched (FLARE then edits the deployed

@@ -10,7 +10,8 @@ from pathlib import Path
 from pharmafl.consortium.approval import add_entries, job_entries
 from pharmafl.consortium.poc import POC_ENV, poc_down, poc_up
 from pharmafl.consortium.submit import submit_job
-from pharmafl.jobs import repo_root, write_job_copy
+from pharmafl.core.paths import job_dir
+from pharmafl.jobs import write_job_copy
 
 
 def bench_poc(
@@ -33,7 +34,7 @@ def bench_poc(
         port: server FL port (default: the project's 8002).
         progress: callback for progress lines.
     """
-    from pharmafl.bench import default_bench_data, machine
+    from pharmafl.multitask.bench import default_bench_data, machine
 
     work = Path(workdir).resolve()
     data = Path(data_dir) if data_dir else default_bench_data(work)
@@ -44,7 +45,7 @@ def bench_poc(
         start = time.perf_counter()
         info = poc_up(data_dir=data, port=port)
         up_s = time.perf_counter() - start
-        job = write_job_copy(repo_root() / "jobs" / "multitask_fedavg", work / "poc_job", rounds, len(info["sites"]))
+        job = write_job_copy(job_dir("multitask_fedavg"), work / "poc_job", rounds, len(info["sites"]))
         kits = Path(info["admin_kits"][next(iter(info["admin_kits"]))]).parent
         for site in info["sites"]:
             add_entries(kits / site / "local" / "approved_jobs.json", job_entries(job))

@@ -17,8 +17,8 @@ from pathlib import Path
 import yaml
 
 from pharmafl.consortium.policies import default_project_file, install_policies, kit_certificate_pins
-from pharmafl.errors import UserError
-from pharmafl.flare.site_executor import DATA_ENV
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import DATA_ENV
 from pharmafl.jobs import prepared_sites
 
 POC_ENV = "NVFLARE_POC_WORKSPACE"

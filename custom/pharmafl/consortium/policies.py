@@ -7,10 +7,11 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from pharmafl.aggregation.secure_sum.config import POLICY_FILE, SitePolicy
-from pharmafl.aggregation.secure_sum.keys import certificate_sha256
-from pharmafl.errors import UserError
-from pharmafl.jobs import repo_root, site_local_dir
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import poc_workspace_dir
+from pharmafl.jobs import site_local_dir
+from pharmafl.secure_sum.config import POLICY_FILE, SitePolicy
+from pharmafl.secure_sum.keys import certificate_sha256
 
 RESOURCES = "resources.json"
 # Installed at the server and at every site: who may do what.
@@ -21,7 +22,7 @@ SITE_POLICY_FILES = ("authorization.json", "privacy.json", "approved_jobs.json")
 
 def consortium_dir() -> Path:
     """``poc_workspace/`` of the checkout: project.yml, local/ (every participant), site_local/ (data sites)."""
-    path = repo_root() / "poc_workspace"
+    path = poc_workspace_dir()
     if not (path / "project.yml").is_file():
         raise UserError(f"consortium files not found at '{path}'; run pharmafl from its checkout")
     return path

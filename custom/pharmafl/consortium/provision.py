@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pharmafl.consortium.poc import load_project, participants, site_names
 from pharmafl.consortium.policies import default_project_file, install_policies, kit_certificate_pins
-from pharmafl.errors import UserError
+from pharmafl.core.errors import UserError
 
 
 def latest_prod_dir(out_dir: Path, project_name: str) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pharmafl.consortium.approval import job_entries
 from pharmafl.consortium.poc import admin_with_role, load_project, poc_workspace, prod_dir
-from pharmafl.errors import UserError
+from pharmafl.core.errors import UserError
 
 COMPLETED = "FINISHED:COMPLETED"
 TERMINAL_PREFIXES = ("FINISHED", "FAILED", "ABANDONED")

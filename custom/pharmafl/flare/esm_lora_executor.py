@@ -9,15 +9,15 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.flare.site_executor import SiteTrainingExecutor, site_data_dir
-from pharmafl.models.esm_lora import (
+from pharmafl.binding_sites.dataset import load_client, load_common_test
+from pharmafl.binding_sites.formats import Chain
+from pharmafl.binding_sites.model import (
     LoRASettings,
     load_esm_lora,
     parameter_counts,
 )
-from pharmafl.proteins.binding_sites import Chain
-from pharmafl.proteins.dataset import load_client, load_common_test
-from pharmafl.training.binding_sites import BindingSiteConfig, BindingSiteTrainer
+from pharmafl.binding_sites.train import BindingSiteConfig, BindingSiteTrainer
+from pharmafl.flare.site_executor import SiteTrainingExecutor, site_data_dir
 
 UPLOADS = ("factors", "delta")
 OPTIMIZER_STATES = ("keep", "reset")

@@ -27,7 +27,7 @@ from pharmafl.consortium.approval import (
     meta_digest,
     refusal_message,
 )
-from pharmafl.errors import UserError
+from pharmafl.core.errors import UserError
 
 
 def _site_workspace(fl_ctx: FLContext) -> Workspace:

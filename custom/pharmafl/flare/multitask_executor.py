@@ -11,12 +11,12 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.chem.dataset import load_site
-from pharmafl.chem.predict import MODEL_CARD, model_card
-from pharmafl.errors import UserError
+from pharmafl.core.errors import UserError
 from pharmafl.flare.site_executor import SiteTrainingExecutor, site_data_dir
-from pharmafl.models.multitask import trunk_geometry
-from pharmafl.training.multitask import MultiTaskTrainer, TrainConfig
+from pharmafl.multitask.dataset import load_site
+from pharmafl.multitask.model import trunk_geometry
+from pharmafl.multitask.predict import MODEL_CARD, model_card
+from pharmafl.multitask.train import MultiTaskTrainer, TrainConfig
 
 HEAD_FILE = "head.pt"
 FINAL_MODEL_FILE = "local_model.pt"

@@ -30,9 +30,9 @@ from nvflare.app_common.abstract.model_locator import ModelLocator
 from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.aggregation.secure_sum.ledger import model_digest
-from pharmafl.aggregation.secure_sum.protocol import SecureSumClient, SecureSumError
 from pharmafl.flare.secure_sum_workflow import BLIND_META
+from pharmafl.secure_sum.ledger import model_digest
+from pharmafl.secure_sum.protocol import SecureSumClient, SecureSumError
 
 BLIND_MODEL_NAME = "server_blind_global_model"
 

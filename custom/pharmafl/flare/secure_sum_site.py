@@ -29,19 +29,6 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.aggregation.secure_sum.config import POLICY_FILE, PolicyError, SecureSumConfig, SitePolicy
-from pharmafl.aggregation.secure_sum.keys import Advertisement
-from pharmafl.aggregation.secure_sum.ledger import (
-    SITE_LEDGER_FILE,
-    Ledger,
-    advertisements_digest,
-    chain_problem,
-    cross_check,
-    expected_model_digest,
-    model_digest,
-    round_record_problem,
-)
-from pharmafl.aggregation.secure_sum.protocol import RefusedError, SecureSumClient, SecureSumError, UnmaskRequest
 from pharmafl.consortium.approval import APPROVED_APP_FILE, app_hash
 from pharmafl.flare.secure_sum_blind import open_blind_payload, payload_model_digest
 from pharmafl.flare.secure_sum_workflow import (
@@ -55,6 +42,19 @@ from pharmafl.flare.secure_sum_workflow import (
     SHARE_KEYS_TASK,
     UNMASK_TASK,
 )
+from pharmafl.secure_sum.config import POLICY_FILE, PolicyError, SecureSumConfig, SitePolicy
+from pharmafl.secure_sum.keys import Advertisement
+from pharmafl.secure_sum.ledger import (
+    SITE_LEDGER_FILE,
+    Ledger,
+    advertisements_digest,
+    chain_problem,
+    cross_check,
+    expected_model_digest,
+    model_digest,
+    round_record_problem,
+)
+from pharmafl.secure_sum.protocol import RefusedError, SecureSumClient, SecureSumError, UnmaskRequest
 
 KIT_FILES = ("client.key", "client.crt", "rootCA.pem")  # a provisioned site's startup kit
 

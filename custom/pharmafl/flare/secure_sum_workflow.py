@@ -38,13 +38,13 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
 from pharmafl.aggregation.fra_lora import RESIDUAL_POLICIES, fra_lora_from_deltas
-from pharmafl.aggregation.secure_sum.config import SecureSumConfig
-from pharmafl.aggregation.secure_sum.keys import Advertisement
-from pharmafl.aggregation.secure_sum.ledger import LEDGER_FILE, Ledger, model_digest, round_record, setup_record
-from pharmafl.aggregation.secure_sum.protocol import MaskedUpload, SecureSumError, SecureSumResult, SecureSumServer
 from pharmafl.consortium.approval import app_hash
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
 from pharmafl.flare.run_records import append_run_record, run_dir_of
+from pharmafl.secure_sum.config import SecureSumConfig
+from pharmafl.secure_sum.keys import Advertisement
+from pharmafl.secure_sum.ledger import LEDGER_FILE, Ledger, model_digest, round_record, setup_record
+from pharmafl.secure_sum.protocol import MaskedUpload, SecureSumError, SecureSumResult, SecureSumServer
 
 ADVERTISE_TASK = "secagg_advertise"
 SHARE_KEYS_TASK = "secagg_share_keys"

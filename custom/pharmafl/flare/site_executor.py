@@ -20,12 +20,9 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.errors import UserError
-from pharmafl.training.progress import StepReporter
-
-DATA_ENV = "PHARMAFL_DATA"
-TASK_FAILED = "task failed:"  # the start of the log line of a task this site could not run (simulate reports it)
-PROGRESS_TAG = "progress:"  # the start of a training progress line (simulate shows it on the console)
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import DATA_ENV
+from pharmafl.core.progress import PROGRESS_TAG, TASK_FAILED, StepReporter
 
 
 def site_data_dir(data_root: str, site: str) -> str:

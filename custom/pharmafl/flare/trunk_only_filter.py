@@ -11,10 +11,10 @@ from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from pharmafl.models.multitask import TRUNK_PREFIX
-from pharmafl.report import SITE_METRICS_FILE
+from pharmafl.core.report import SITE_METRICS_FILE
+from pharmafl.multitask.model import TRUNK_PREFIX
 
-# The aggregate metrics the multi-task executor reports (``pharmafl.metrics.summarize``) and the metric set
+# The aggregate metrics the multi-task executor reports (``pharmafl.core.metrics.summarize``) and the metric set
 # nesting them (``validation``); names, not structure, decide, because a task id can key a scalar as well.
 AGGREGATE_METRICS = (
     "auc_roc",

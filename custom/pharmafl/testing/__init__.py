@@ -3,3 +3,6 @@
 ``pharmafl simulate --drop/--tamper`` and the tests put these components into their own copy of a job; the job
 folders under ``jobs/`` (and so every job a site approves) carry none of them.
 """
+
+# Where a faulty site (testing.secure_sum.FaultySecureSumSite) breaks the protocol; `simulate --drop` checks it.
+FAULT_PHASES = ("after-setup", "after-upload", "tampered", "mis-sized")

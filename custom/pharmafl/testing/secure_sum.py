@@ -22,11 +22,11 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 
-from pharmafl.aggregation.secure_sum.protocol import SecureSumError, SecureSumResult, UnmaskRequest
 from pharmafl.flare.secure_sum_site import SecureSumSite
 from pharmafl.flare.secure_sum_workflow import CONSISTENCY_TASK, UNMASK_TASK, SecureSumWorkflow
+from pharmafl.secure_sum.protocol import SecureSumError, SecureSumResult, UnmaskRequest
+from pharmafl.testing import FAULT_PHASES
 
-FAULT_PHASES = ("after-setup", "after-upload", "tampered", "mis-sized")
 RECORD_DIR = "secure_sum_plain"  # what a site uploaded, in plaintext, on its own disk
 BLIND_MEAN = "blind_mean_round_{}.npz"  # server-blind: the unblinded mean a site applied
 BLIND_MODEL = "blind_global_round_{}.npz"  # server-blind: the site's global model after that round

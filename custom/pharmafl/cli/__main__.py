@@ -1,0 +1,7 @@
+"""``python -m pharmafl.cli``: the same as the ``pharmafl`` command."""
+
+import sys
+
+from pharmafl.cli import main
+
+sys.exit(main())

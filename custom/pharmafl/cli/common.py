@@ -1,0 +1,71 @@
+"""What every command group shares: the parser class and option types."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, options without a help text included."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.option_strings and action.nargs != 0 and not action.required
+        if shown and action.default is not argparse.SUPPRESS and "default" not in text:
+            text += " (default: not set)" if action.default is None else " (default: %(default)s)"
+        return text.strip()
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in floats(text)]
+
+
+def assignment(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` with VALUE read as JSON when it is JSON (numbers, true/false, lists), else as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def add_executor_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=assignment,
+        metavar="NAME=VALUE",
+        help="override an executor argument of the job (repeatable), e.g. --set grad_noise_std=1e-4",
+    )
+
+
+def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help=f"replace {what} (never a folder pharmafl did not make)"
+    )
+
+
+def executor_overrides(args: argparse.Namespace) -> dict | None:
+    overrides = dict(args.set or [])
+    if getattr(args, "model", None):
+        overrides["model"] = args.model
+    return overrides or None

@@ -1,0 +1,63 @@
+"""``pharmafl experiment chem``: federated vs single-partner over seeds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pharmafl.cli.common import (
+    add_executor_overrides,
+    add_overwrite,
+    assignment,
+    executor_overrides,
+)
+from pharmafl.core.paths import job_dir
+
+DEFAULT_JOB = job_dir("multitask_fedavg")
+
+
+def cmd_experiment_chem(args: argparse.Namespace) -> int:
+    from pharmafl.multitask.experiment import format_seeds_table, run_chem_experiment
+
+    result = run_chem_experiment(
+        args.data,
+        args.out,
+        args.job,
+        args.seeds,
+        args.rounds,
+        args.baseline_rounds,
+        args.overwrite,
+        progress=lambda message: print(message, flush=True),
+        overrides=executor_overrides(args),
+        baseline_overrides=dict(args.baseline_set or []) or None,
+    )
+    print(format_seeds_table(result))
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    experiment = commands.add_parser("experiment", help="comparisons over seeds").add_subparsers(
+        dest="kind", required=True
+    )
+    experiment_chem = experiment.add_parser(
+        "chem", help="the federated job and the single-partner baseline per seed; mean ± std and per-task tests"
+    )
+    experiment_chem.add_argument("--data", required=True, help="output of `pharmafl prepare chem`")
+    experiment_chem.add_argument("--out", required=True, help="output folder (one subfolder per seed)")
+    experiment_chem.add_argument("--job", default=str(DEFAULT_JOB), help="the multi-task job")
+    experiment_chem.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    experiment_chem.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the job's)")
+    experiment_chem.add_argument(
+        "--baseline-rounds", type=int, default=None, help="single-partner rounds (default: the federated rounds)"
+    )
+    add_executor_overrides(experiment_chem)
+    experiment_chem.add_argument(
+        "--baseline-set",
+        action="append",
+        type=assignment,
+        metavar="NAME=VALUE",
+        help="a training setting of the single-partner side only (repeatable), e.g. --baseline-set dropout=0.2",
+    )
+    add_overwrite(experiment_chem, "an earlier experiment in --out")
+    experiment_chem.set_defaults(func=cmd_experiment_chem)
