@@ -108,3 +108,25 @@ def test_experiment_refuses_an_unknown_baseline_setting(tmp_path):
     result = pharmafl("experiment", "chem", "--data", "d", "--out", "o", "--baseline-set", "drop=0.2", cwd=tmp_path)
     assert_clean_error(result, "--baseline-set: unknown setting 'drop'")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "error, code", [("InputError", 2), ("UserError", 2), ("ValueError", None), ("TypeError", None)]
+)
+def test_only_input_errors_become_exit_2_and_a_bug_keeps_its_traceback(error, code, monkeypatch, tmp_path, capsys):
+    import pharmafl.report
+    from pharmafl.cli import main
+    from pharmafl.core import errors
+
+    kind = getattr(errors, error, None) or {"ValueError": ValueError, "TypeError": TypeError}[error]
+
+    def broken(*_args, **_kwargs):
+        raise kind("the workspace holds no run")
+
+    monkeypatch.setattr(pharmafl.report, "write_report", broken)
+    if code is None:  # a bug in the library: main must not swallow it
+        with pytest.raises(kind, match="holds no run"):
+            main(["report", str(tmp_path)])
+    else:
+        assert main(["report", str(tmp_path)]) == code
+        assert capsys.readouterr().err.strip() == "pharmafl: error: the workspace holds no run"

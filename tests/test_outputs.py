@@ -2,7 +2,7 @@
 
 import pytest
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.outputs import check_output, staged_output, write_marker
 
 
@@ -27,6 +27,6 @@ def test_only_marked_outputs_of_the_right_kind_are_replaced(tmp_path):
     out = tmp_path / "ws"
     out.mkdir()
     write_marker(out, "simulate")
-    with pytest.raises(UserError, match="is a `pharmafl simulate` output"):
+    with pytest.raises(InputError, match="is a `pharmafl simulate` output"):
         check_output(out, ("prepare chem",), overwrite=True, option="--out")
     assert check_output(tmp_path / "new", ("prepare chem",), overwrite=False, option="--out") is False

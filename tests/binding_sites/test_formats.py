@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pharmafl.binding_sites.formats import ESM_ALPHABET, Chain, crop, read_chains, source_name
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 
 THREELINE = """>good_A
 MKTAY
@@ -117,10 +117,10 @@ def test_fasta_with_csv_labels(tmp_path):
 
 def test_fasta_without_label_file_is_a_user_error(tmp_path):
     fasta = write(tmp_path / "seqs.fasta", ">a\nMKT\n")
-    with pytest.raises(UserError, match="label file"):
+    with pytest.raises(InputError, match="label file"):
         read_chains(fasta, fmt="fasta")
     # Auto-detection reads it as three-line; every record then lacks labels, and the message says why.
-    with pytest.raises(UserError, match=r"No usable chains .*missing_labels 1.*label file"):
+    with pytest.raises(InputError, match=r"No usable chains .*missing_labels 1.*label file"):
         read_chains(fasta)
 
 
@@ -134,7 +134,7 @@ def test_csv_format(tmp_path):
 
 
 def test_csv_without_required_columns_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="missing labels"):
+    with pytest.raises(InputError, match="missing labels"):
         read_chains(write(tmp_path / "table.csv", "id,sequence\na,MKT\n"))
 
 
@@ -146,19 +146,19 @@ def test_gzipped_input(tmp_path):
 
 
 def test_empty_and_missing_files_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="is empty"):
+    with pytest.raises(InputError, match="is empty"):
         read_chains(write(tmp_path / "empty.txt", "\n\n"))
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         read_chains(str(tmp_path / "nope.txt"))
-    with pytest.raises(UserError, match="not a file"):
+    with pytest.raises(InputError, match="not a file"):
         read_chains(str(tmp_path))
-    with pytest.raises(UserError, match="format must be"):
+    with pytest.raises(InputError, match="format must be"):
         read_chains(write(tmp_path / "x.txt", ">a\nM\n0\n"), fmt="pdb")
 
 
 def test_file_with_no_usable_record_names_the_counts(tmp_path):
     path = write(tmp_path / "bad.txt", ">a\nMKT\n01\n>b\nMK*\n010\n")
-    with pytest.raises(UserError) as error:
+    with pytest.raises(InputError) as error:
         read_chains(path)
     message = str(error.value)
     assert message.startswith(f"No usable chains in '{path}': 2 records, all skipped (")
@@ -174,7 +174,7 @@ def test_crop_keeps_the_first_residues_and_their_labels():
     assert cropped.sequence == "MKTA" and cropped.labels.tolist() == [0, 1, 0, 0]
     assert chain.sequence == "MKTAYG" and len(chain.labels) == 6  # the input is unchanged
     assert crop(chain, 6) is chain
-    with pytest.raises(UserError):
+    with pytest.raises(InputError):
         crop(chain, 0)
 
 
@@ -213,5 +213,5 @@ def test_utf16_input_is_read_and_latin1_gets_a_hint(tmp_path):
     assert [c.sequence for c in chains] == ["MKTAYIAK"]
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(">1abc_A Säure\nMKTAYIAK\n00110000\n".encode("latin-1"))
-    with pytest.raises(UserError, match="is not UTF-8 text .*save it as UTF-8"):
+    with pytest.raises(InputError, match="is not UTF-8 text .*save it as UTF-8"):
         read_chains(latin1)

@@ -6,7 +6,7 @@ import pytest
 
 from pharmafl.binding_sites.dataset import ProteinSplit, load_client, load_common_test
 from pharmafl.binding_sites.splits import SplitConfig, prepare_binding_sites
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import sha256_file
 
 
@@ -102,7 +102,7 @@ def test_by_source_gives_each_input_its_own_client(two_sources, tmp_path):
         two_sources, str(tmp_path / "b"), SplitConfig(split="by-source", clients=3), progress=None
     )
     assert list(summary["clients"]) == ["site-1", "site-2"] and "ignored" in summary["notes"][0]
-    with pytest.raises(UserError, match="one client name per client"):
+    with pytest.raises(InputError, match="one client name per client"):
         prepare_binding_sites(two_sources, str(tmp_path / "c"), SplitConfig(split="by-source", client_names=["a"]))
 
 
@@ -170,30 +170,30 @@ def test_configuration_errors(two_sources, tmp_path):
         (SplitConfig(clients=500), "no training chains"),
     ]
     for config, message in cases:
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(InputError, match=message):
             prepare_binding_sites(two_sources, out, config, progress=None)
-    with pytest.raises(UserError, match="distinct names"):
+    with pytest.raises(InputError, match="distinct names"):
         prepare_binding_sites([two_sources[0], two_sources[0]], out, SplitConfig(), progress=None)
-    with pytest.raises(UserError, match="Give at least one input"):
+    with pytest.raises(InputError, match="Give at least one input"):
         prepare_binding_sites([], out, SplitConfig(), progress=None)
 
 
 def test_load_errors(tmp_path, gpsite_small):
-    with pytest.raises(UserError) as error:
+    with pytest.raises(InputError) as error:
         load_client(str(tmp_path / "nowhere"))
     assert str(error.value) == (
         f"No prepared data for client at '{tmp_path / 'nowhere'}' (missing train.jsonl); "
         "run `pharmafl prepare binding-sites` first."
     )
-    with pytest.raises(UserError, match="common test"):
+    with pytest.raises(InputError, match="common test"):
         load_common_test(str(tmp_path))
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "manifest.json").write_text("{}")
     (damaged / "train.jsonl").write_text('{"id": "a", "sequence": "MKT", "labels": "01"}\n')
-    with pytest.raises(UserError, match="line 1 is not a valid chain record"):
+    with pytest.raises(InputError, match="line 1 is not a valid chain record"):
         load_client(str(damaged))
-    with pytest.raises(UserError, match="no checksums"):
+    with pytest.raises(InputError, match="no checksums"):
         load_client(str(damaged), verify=True)
 
 
@@ -221,7 +221,7 @@ def test_gpsite_small_round_trips(gpsite_small):
 def test_re_preparing_with_fewer_clients_leaves_exactly_the_new_clients(two_sources, tmp_path):
     out = tmp_path / "out"
     prepare_binding_sites(two_sources, str(out), SplitConfig(clients=3), progress=None)
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(InputError, match="--overwrite"):
         prepare_binding_sites(two_sources, str(out), SplitConfig(clients=2), progress=None)
     assert (out / "site-3").is_dir()
     prepare_binding_sites(two_sources, str(out), SplitConfig(clients=2), progress=None, overwrite=True)

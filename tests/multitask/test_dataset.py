@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.multitask.dataset import SiteData, load_site
 from pharmafl.multitask.prepare import SITE_FILES, PrepareConfig, prepare_chem
 
@@ -72,7 +72,7 @@ def test_rows_in_folds(site_dir):
 
 def test_missing_folder_is_a_user_error(tmp_path):
     missing = tmp_path / "site-9"
-    with pytest.raises(UserError) as error:
+    with pytest.raises(InputError) as error:
         load_site(str(missing))
     assert str(error.value) == (
         f"No prepared data for site at '{missing}' (missing X.npz); run `pharmafl prepare chem` first."
@@ -85,7 +85,7 @@ def test_shape_mismatch_is_a_user_error(site_dir, tmp_path):
     for file in site_dir.iterdir():
         (broken / file.name).write_bytes(file.read_bytes())
     np.save(broken / "folds.npy", np.zeros(1, dtype=np.int8))
-    with pytest.raises(UserError, match="inconsistent"):
+    with pytest.raises(InputError, match="inconsistent"):
         load_site(str(broken))
 
 
@@ -98,7 +98,7 @@ def test_verify_detects_a_changed_file(site_dir, tmp_path):
     tasks["evaluate"] = ~tasks["evaluate"]
     tasks.to_csv(changed / "tasks.csv", index=False)
     load_site(str(changed))  # still consistent in shape
-    with pytest.raises(UserError, match="tasks.csv' does not match its manifest checksum"):
+    with pytest.raises(InputError, match="tasks.csv' does not match its manifest checksum"):
         load_site(str(changed), verify=True)
 
 
@@ -128,5 +128,5 @@ def test_damaged_or_inconsistent_regression_data_is_a_user_error(site_dir, tmp_p
         copy = tmp_path / name
         shutil.copytree(site_dir, copy)
         damage(copy / "regression.npz")
-        with pytest.raises(UserError, match="regression"):
+        with pytest.raises(InputError, match="regression"):
             load_site(str(copy))

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.multitask.dataset import load_site
 from pharmafl.multitask.prepare import SITE_FILES as PREPARED_FILES
 from pharmafl.multitask.prepare import PrepareConfig, prepare_chem
@@ -48,7 +48,7 @@ def test_ecfp_bits_deterministic_sorted_and_in_range():
     assert np.array_equal(ecfp_bits("CC(C)Cc1ccc(cc1)C(C)C(=O)O"), ecfp_bits(IBUPROFEN))
     assert not np.array_equal(ecfp_bits(ASPIRIN), ecfp_bits(IBUPROFEN))
     assert len(ecfp_bits(IBUPROFEN, radius=1)) < len(ecfp_bits(IBUPROFEN, radius=3))
-    with pytest.raises(UserError):
+    with pytest.raises(InputError):
         ecfp_bits("not_a_smiles")
 
 
@@ -204,7 +204,7 @@ def test_fold_secret_never_written(wide_csv, tmp_path):
 
 
 def test_site_without_tasks_is_a_user_error(wide_csv, tmp_path):
-    with pytest.raises(UserError, match="fewer partners"):
+    with pytest.raises(InputError, match="fewer partners"):
         prepare_chem(
             str(wide_csv),
             str(tmp_path / "out"),
@@ -330,21 +330,21 @@ def test_regression_tasks_keep_values_and_censoring_per_continuous_assay(tmp_pat
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(UserError, match=r"Input file '.*nope\.csv' does not exist\."):
+    with pytest.raises(InputError, match=r"Input file '.*nope\.csv' does not exist\."):
         prepare_chem(str(tmp_path / "nope.csv"), str(tmp_path / "out"), PrepareConfig(sites=["a"]))
 
 
 def test_missing_smiles_column(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("structure,CHEMBL1\nCCO,5.0\n")
-    with pytest.raises(UserError, match="SMILES column 'smiles' not found.*'structure', 'CHEMBL1'"):
+    with pytest.raises(InputError, match="SMILES column 'smiles' not found.*'structure', 'CHEMBL1'"):
         prepare_chem(str(path), str(tmp_path / "out"), PrepareConfig(sites=["a"]), progress=None)
 
 
 def test_no_usable_label_column(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("smiles,name\nCCO,ethanol\nCCN,ethylamine\n")
-    with pytest.raises(UserError, match="No usable label column"):
+    with pytest.raises(InputError, match="No usable label column"):
         prepare_chem(str(path), str(tmp_path / "out"), PrepareConfig(sites=["a"]), progress=None)
 
 
@@ -361,13 +361,13 @@ def test_no_usable_label_column(tmp_path):
 )
 def test_invalid_config(wide_csv, tmp_path, changes, message):
     config = PrepareConfig(**{"sites": ["a"], **changes})
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(InputError, match=message):
         prepare_chem(str(wide_csv), str(tmp_path / "out"), config, progress=None)
 
 
 def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # keep the download cache inside the test
-    with pytest.raises(UserError, match="download .* failed.*local file"):
+    with pytest.raises(InputError, match="download .* failed.*local file"):
         prepare_chem("http://127.0.0.1:9/data.csv.gz", str(tmp_path / "out"), PrepareConfig(sites=["a"]), progress=None)
 
 
@@ -415,7 +415,7 @@ def test_private_compounds_stay_with_one_partner(chembl_csv, tmp_path):
         data = load_site(str(tmp_path / site))
         assert data.Y.getnnz(axis=1).min() > 0  # only compounds with labels of their own partner
         assert (data.tasks["actives"] >= 10).all() and (data.tasks["inactives"] >= 10).all()
-    with pytest.raises(UserError, match="compound overlap"):
+    with pytest.raises(InputError, match="compound overlap"):
         prepare_chem(str(chembl_csv), str(tmp_path / "x"), PrepareConfig(sites=sites, compound_overlap="some"))
 
 
@@ -426,7 +426,7 @@ def test_re_preparing_with_fewer_partners_is_refused_then_replaces_exactly(wide_
     out = tmp_path / "out"
     prepare_chem(str(wide_csv), str(out), PrepareConfig(sites=["a", "b", "c"], **NO_QUORUM), progress=None)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(InputError, match="--overwrite"):
         prepare_chem(str(wide_csv), str(out), PrepareConfig(sites=["a", "b"], **NO_QUORUM), progress=None)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     prepare_chem(str(wide_csv), str(out), PrepareConfig(sites=["a", "b"], **NO_QUORUM), progress=None, overwrite=True)
@@ -440,12 +440,12 @@ def test_prepare_never_writes_into_a_folder_it_did_not_make(wide_csv, tmp_path):
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     for overwrite in (False, True):
-        with pytest.raises(UserError, match="not a pharmafl output"):
+        with pytest.raises(InputError, match="not a pharmafl output"):
             prepare_chem(
                 str(wide_csv), str(mine), PrepareConfig(sites=["a"], **NO_QUORUM), progress=None, overwrite=overwrite
             )
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
-    with pytest.raises(UserError, match="which this command reads"):  # --out holding the input
+    with pytest.raises(InputError, match="which this command reads"):  # --out holding the input
         prepare_chem(str(wide_csv), str(tmp_path), PrepareConfig(sites=["a"], **NO_QUORUM), progress=None)
 
 
@@ -454,7 +454,7 @@ def test_a_failed_preparation_leaves_the_old_one_whole(wide_csv, tmp_path):
     prepare_chem(str(wide_csv), str(out), PrepareConfig(sites=["a", "b"], **NO_QUORUM), progress=None)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     strict = PrepareConfig(sites=["a", "b"], min_train_actives=10**6)  # no site passes: refused after reading
-    with pytest.raises(UserError, match="no task"):
+    with pytest.raises(InputError, match="no task"):
         prepare_chem(str(wide_csv), str(out), strict, progress=None, overwrite=True)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
@@ -474,7 +474,7 @@ def test_utf16_is_read_and_latin1_gets_a_hint(wide_csv, tmp_path):
     )
     latin1 = tmp_path / "latin1.csv"
     latin1.write_bytes(text.replace("note", "Säure").encode("latin-1"))
-    with pytest.raises(UserError, match="is not UTF-8 text .*save it as UTF-8") as error:
+    with pytest.raises(InputError, match="is not UTF-8 text .*save it as UTF-8") as error:
         prepare_chem(str(latin1), str(tmp_path / "from_latin1"), config, progress=None)
     assert "\n" not in str(error.value)
 
@@ -484,7 +484,7 @@ def test_text_labels_get_one_note_and_a_hint_not_a_note_per_column(tmp_path):
     path = tmp_path / "text_labels.csv"
     pd.DataFrame({"smiles": [ASPIRIN, IBUPROFEN, "CCO"], **columns}).to_csv(path, index=False)
     messages = []
-    with pytest.raises(UserError, match="text labels \\(active, inactive\\): write labels as numbers, 1 for active"):
+    with pytest.raises(InputError, match="text labels \\(active, inactive\\): write labels as numbers, 1 for active"):
         prepare_chem(
             str(path), str(tmp_path / "out"), PrepareConfig(sites=["a"], **NO_QUORUM), progress=messages.append
         )
@@ -569,7 +569,7 @@ def test_libraries_work_for_ten_partners_and_a_random_split(chembl_csv, tmp_path
     library = summary["partition"]["library_compounds"]
     assert set(library) == set(sites) and max(library.values()) - min(library.values()) <= 1
     assert set(summary["sites"]) == set(sites) and all(s["tasks"] > 0 for s in summary["sites"].values())
-    with pytest.raises(UserError, match="--library-sizes needs one positive share per site"):
+    with pytest.raises(InputError, match="--library-sizes needs one positive share per site"):
         prepare_chem(str(chembl_csv), str(tmp_path / "x"), PrepareConfig(sites=sites, library_sizes=(1.0, 2.0)))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from pharmafl.binding_sites.dataset import load_client, load_common_test
 from pharmafl.binding_sites.model import LoRASettings, load_esm_lora
 from pharmafl.binding_sites.train import BindingSiteConfig, BindingSiteTrainer
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.progress import StepReporter
 from pharmafl.jobs import executor_args, job_configs, prepared_sites, settings_from_args
 
@@ -34,7 +34,7 @@ def run_esm_baseline(
 ) -> dict:
     """Train the baseline and write ``out_dir/summary.json``; ``overrides`` replaces executor arguments."""
     if mode not in MODES:
-        raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'.")
+        raise InputError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'.")
     args = {**executor_args(job_dir), **(overrides or {})}
     rounds = rounds or int(job_configs(job_dir)[0]["num_rounds"])
     config = settings_from_args(BindingSiteConfig, args)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pharmafl.binding_sites.formats import ESM_ALPHABET, LABEL_CHARS, Chain
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import verify_checksums
 
 FORMAT_VERSION = 1
@@ -65,11 +65,11 @@ class ProteinSplit:
 def load_client(path: str, part: str = "train", verify: bool = False) -> list[Chain]:
     """The chains of one client's `part` ("train" or "test"); `verify` checks the manifest's sha256 first."""
     if part not in PARTS:
-        raise UserError(f"The part must be 'train' or 'test', got '{part}'.")
+        raise InputError(f"The part must be 'train' or 'test', got '{part}'.")
     folder = Path(path)
     for name in (f"{part}.jsonl", "manifest.json"):
         if not (folder / name).is_file():
-            raise UserError(
+            raise InputError(
                 f"No prepared data for client at '{path}' (missing {name}); run `pharmafl prepare binding-sites` first."
             )
     if verify:
@@ -81,7 +81,7 @@ def load_common_test(out_dir: str, verify: bool = False) -> list[Chain]:
     """The common test set every client is evaluated on, from `out_dir/common_test/test.jsonl`."""
     folder = Path(out_dir) / COMMON_TEST
     if not (folder / "test.jsonl").is_file():
-        raise UserError(
+        raise InputError(
             f"No common test set at '{folder}' (missing test.jsonl); run `pharmafl prepare binding-sites` first."
         )
     if verify:
@@ -90,7 +90,7 @@ def load_common_test(out_dir: str, verify: bool = False) -> list[Chain]:
 
 
 def read_jsonl(path: Path) -> list[Chain]:
-    """Chains from a prepared JSONL file; any damaged line is a UserError naming the file and line."""
+    """Chains from a prepared JSONL file; any damaged line is a InputError naming the file and line."""
     chains = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -98,7 +98,7 @@ def read_jsonl(path: Path) -> list[Chain]:
                 continue
             chain = _chain_from_line(line)
             if chain is None:
-                raise UserError(f"'{path}' line {number} is not a valid chain record; prepare the data again.")
+                raise InputError(f"'{path}' line {number} is not a valid chain record; prepare the data again.")
             chains.append(chain)
     return chains
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 
 STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 # X unknown, B Asx, Z Glx, U selenocysteine, O pyrrolysine: all in the ESM-2 vocabulary as their own tokens.
@@ -63,7 +63,7 @@ class Chain:
 def crop(chain: Chain, max_length: int = DEFAULT_MAX_LENGTH) -> Chain:
     """The chain cut to its first `max_length` residues (and labels); shorter chains come back unchanged."""
     if max_length < 1:
-        raise UserError(f"The maximum chain length must be at least 1, got {max_length}.")
+        raise InputError(f"The maximum chain length must be at least 1, got {max_length}.")
     if len(chain.sequence) <= max_length:
         return chain
     return Chain(chain.id, chain.sequence[:max_length], chain.labels[:max_length].copy(), chain.source)
@@ -95,15 +95,15 @@ def read_chains(
     (labels lost that way), unused_labels (label-file ids without a sequence). Gzipped files are read too.
     """
     if fmt not in FORMATS:
-        raise UserError(f"Input format must be one of {', '.join(FORMATS)}; got '{fmt}'.")
+        raise InputError(f"Input format must be one of {', '.join(FORMATS)}; got '{fmt}'.")
     if max_length is not None and max_length < 1:
-        raise UserError(f"The maximum chain length must be at least 1, got {max_length}.")
+        raise InputError(f"The maximum chain length must be at least 1, got {max_length}.")
     text = _read_text(path)
     if not text.strip():
-        raise UserError(f"Input file '{path}' is empty.")
+        raise InputError(f"Input file '{path}' is empty.")
     fmt = _detect_format(path, text, fmt, labels_path)
     if labels_path is not None and fmt != "fasta":
-        raise UserError(f"A label file is only used with FASTA input, but '{path}' is read as {fmt}.")
+        raise InputError(f"A label file is only used with FASTA input, but '{path}' is read as {fmt}.")
 
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     unused_labels = 0
@@ -113,7 +113,7 @@ def read_chains(
         records = _parse_csv(text, path)
     else:
         if labels_path is None:
-            raise UserError(f"FASTA input '{path}' needs a label file with one 0/1 string per id.")
+            raise InputError(f"FASTA input '{path}' needs a label file with one 0/1 string per id.")
         records, unused_labels = _parse_fasta_with_labels(text, labels_path, skipped)
 
     source = source_name(path)
@@ -148,28 +148,28 @@ def read_chains(
         hint = ""
         if fmt == "threeline" and (skipped["missing_labels"] or skipped["malformed"]):
             hint = "; for FASTA input give its label file"
-        raise UserError(f"No usable chains in '{path}': {n_records} records, all skipped ({reasons}){hint}.")
+        raise InputError(f"No usable chains in '{path}': {n_records} records, all skipped ({reasons}){hint}.")
     return chains, counts
 
 
 def _read_text(path: str | Path) -> str:
     file = Path(path).expanduser()
     if not file.exists():
-        raise UserError(f"Input file '{path}' does not exist.")
+        raise InputError(f"Input file '{path}' does not exist.")
     if not file.is_file():
-        raise UserError(f"Input '{path}' is not a file.")
+        raise InputError(f"Input '{path}' is not a file.")
     try:
         raw = file.read_bytes()
         if raw[:2] == b"\x1f\x8b":  # by content, so the extension does not matter
             raw = gzip.decompress(raw)
     except (OSError, EOFError, gzip.BadGzipFile):
-        raise UserError(f"Could not read '{path}' as a text file.") from None
+        raise InputError(f"Could not read '{path}' as a text file.") from None
     # UTF-16 with its byte-order mark (Windows "Unicode text") and UTF-8 with or without one are unambiguous.
     encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise UserError(
+        raise InputError(
             f"'{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}, e.g. Latin-1): "
             "save it as UTF-8, or convert it with `iconv -f latin1 -t utf-8 IN > OUT`."
         ) from None
@@ -238,7 +238,7 @@ def _read_label_file(labels_path: str) -> dict[str, str]:
     """id -> 0/1 string from `>id` + labels (possibly wrapped) or a CSV with columns id,labels; first id wins."""
     text = _read_text(labels_path)
     if not text.strip():
-        raise UserError(f"Label file '{labels_path}' is empty.")
+        raise InputError(f"Label file '{labels_path}' is empty.")
     labels: dict[str, str] = {}
     if text.lstrip().startswith(">"):
         for record_id, body in _fasta_blocks(text, dict.fromkeys(SKIP_REASONS, 0)):
@@ -262,7 +262,7 @@ def _csv_rows(text: str, path: str | Path, columns: tuple[str, ...]) -> list[dic
         missing = [c for c in columns if c not in header]
         if missing:
             found = ", ".join(header[:8]) or "none"
-            raise UserError(
+            raise InputError(
                 f"'{path}' needs the columns {', '.join(columns)} in its header line; "
                 f"missing {', '.join(missing)} (found {found})."
             )
@@ -273,7 +273,7 @@ def _csv_rows(text: str, path: str | Path, columns: tuple[str, ...]) -> list[dic
                 continue
             rows.append({c: cells[i].strip() if i < len(cells) else "" for c, i in index.items()})
     except csv.Error as exc:
-        raise UserError(f"Could not read '{path}' as a CSV file ({exc}).") from None
+        raise InputError(f"Could not read '{path}' as a CSV file ({exc}).") from None
     return rows
 
 

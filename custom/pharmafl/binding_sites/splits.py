@@ -29,7 +29,7 @@ import numpy as np
 
 from pharmafl.binding_sites.dataset import COMMON_TEST, FORMAT_VERSION, ProteinSplit, write_jsonl
 from pharmafl.binding_sites.formats import SKIP_REASONS, Chain, read_chains, source_name
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import sha256_file
 from pharmafl.core.outputs import PREPARATIONS, PREPARE_BINDING_SITES, check_output, staged_output
 
@@ -131,7 +131,7 @@ def prepare_binding_sites(
             "test": [chains[i] for i in np.flatnonzero(mine & in_client_test)],
         }
         if not parts[name]["train"]:
-            raise UserError(f"Client '{name}' gets no training chains; use fewer clients or more input chains.")
+            raise InputError(f"Client '{name}' gets no training chains; use fewer clients or more input chains.")
 
     input_files = [
         {"path": s["path"], "source": s["source"], "sha256": sha256_file(Path(s["path"]))} for s in input_summaries
@@ -179,29 +179,29 @@ def prepare_binding_sites(
 
 def _validate(inputs: list[str], config: SplitConfig) -> None:
     if not inputs:
-        raise UserError("Give at least one input file.")
+        raise InputError("Give at least one input file.")
     if config.split not in SPLITS:
-        raise UserError(f"The split must be one of {', '.join(SPLITS)}; got '{config.split}'.")
+        raise InputError(f"The split must be one of {', '.join(SPLITS)}; got '{config.split}'.")
     stems = [source_name(path) for path in inputs]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:
-        raise UserError(
+        raise InputError(
             f"Input files must have distinct names (they name the sources); repeated: {', '.join(repeated)}."
         )
     if config.split != "by-source" and config.clients < 1:
-        raise UserError(f"The number of clients must be at least 1, got {config.clients}.")
+        raise InputError(f"The number of clients must be at least 1, got {config.clients}.")
     if config.split == "label-skew" and config.clients < 2:
-        raise UserError(f"The label-skew split needs at least 2 clients, got {config.clients}.")
+        raise InputError(f"The label-skew split needs at least 2 clients, got {config.clients}.")
     if config.max_length < 1:
-        raise UserError(f"The maximum chain length must be at least 1, got {config.max_length}.")
+        raise InputError(f"The maximum chain length must be at least 1, got {config.max_length}.")
     if not 0 <= config.test_fraction < 1:
-        raise UserError(f"The test fraction must be at least 0 and below 1, got {config.test_fraction}.")
+        raise InputError(f"The test fraction must be at least 0 and below 1, got {config.test_fraction}.")
     if config.max_chains_per_input is not None and config.max_chains_per_input < 1:
-        raise UserError(f"max_chains_per_input must be at least 1, got {config.max_chains_per_input}.")
+        raise InputError(f"max_chains_per_input must be at least 1, got {config.max_chains_per_input}.")
     ratios = tuple(config.skew_ratios)
     if config.split == "label-skew":
         if len(ratios) != 2 or not all(0 <= r <= 1 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
-            raise UserError(
+            raise InputError(
                 f"The skew ratios must be two numbers between 0 and 1 that sum to 1 (e.g. 0.2 0.8), got {ratios}."
             )
 
@@ -216,14 +216,14 @@ def _client_names(config: SplitConfig, sources: list[str]) -> tuple[list[str], l
     names = list(config.client_names) if config.client_names is not None else [f"site-{i + 1}" for i in range(count)]
     if len(names) != count:
         what = "input files" if config.split == "by-source" else "clients"
-        raise UserError(f"Give one client name per client: {len(names)} names for {count} {what}.")
+        raise InputError(f"Give one client name per client: {len(names)} names for {count} {what}.")
     if len(set(names)) != len(names):
-        raise UserError(f"Client names must be distinct, got {', '.join(names)}.")
+        raise InputError(f"Client names must be distinct, got {', '.join(names)}.")
     for name in names:
         if not name or name in (".", "..") or not all(ch.isalnum() or ch in "-_." for ch in name):
-            raise UserError(f"Client name '{name}' may only use letters, digits, '-', '_' and '.'.")
+            raise InputError(f"Client name '{name}' may only use letters, digits, '-', '_' and '.'.")
         if name == COMMON_TEST:
-            raise UserError(f"'{COMMON_TEST}' is the common test set's folder; choose another client name.")
+            raise InputError(f"'{COMMON_TEST}' is the common test set's folder; choose another client name.")
     return names, notes
 
 

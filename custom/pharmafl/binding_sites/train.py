@@ -12,7 +12,7 @@ from transformers import EsmTokenizer
 
 from pharmafl.binding_sites.formats import Chain
 from pharmafl.binding_sites.model import IGNORE_INDEX, encode_chains, load_lora_state, lora_state
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.metrics import token_metrics
 from pharmafl.core.progress import StepCallback
 
@@ -44,17 +44,17 @@ class BindingSiteConfig:
 
     def __post_init__(self) -> None:
         if self.class_weight not in CLASS_WEIGHTS:
-            raise UserError(f"class_weight must be one of {', '.join(CLASS_WEIGHTS)}, got '{self.class_weight}'.")
+            raise InputError(f"class_weight must be one of {', '.join(CLASS_WEIGHTS)}, got '{self.class_weight}'.")
         if self.learning_rate <= 0:
-            raise UserError(f"learning_rate must be positive, got {self.learning_rate}.")
+            raise InputError(f"learning_rate must be positive, got {self.learning_rate}.")
         if self.batch_size <= 0:
-            raise UserError(f"batch_size must be positive, got {self.batch_size}.")
+            raise InputError(f"batch_size must be positive, got {self.batch_size}.")
         if self.local_steps < 0:
-            raise UserError(f"local_steps must not be negative, got {self.local_steps}.")
+            raise InputError(f"local_steps must not be negative, got {self.local_steps}.")
         if self.grad_clip < 0:
-            raise UserError(f"grad_clip must be 0 (off) or positive, got {self.grad_clip}.")
+            raise InputError(f"grad_clip must be 0 (off) or positive, got {self.grad_clip}.")
         if self.grad_noise_std < 0:
-            raise UserError(f"grad_noise_std must not be negative, got {self.grad_noise_std}.")
+            raise InputError(f"grad_noise_std must not be negative, got {self.grad_noise_std}.")
 
 
 class BindingSiteTrainer:
@@ -71,7 +71,7 @@ class BindingSiteTrainer:
         config: BindingSiteConfig | None = None,
     ):
         if not train_chains:
-            raise UserError("no training chains: the site's train.jsonl is empty.")
+            raise InputError("no training chains: the site's train.jsonl is empty.")
         self.model = model
         self.tokenizer = tokenizer
         self.chains = list(train_chains)
@@ -138,7 +138,7 @@ class BindingSiteTrainer:
     def evaluate(self, chains: Sequence[Chain], batch_size: int = 16) -> dict[str, float]:
         """Token-level metrics over real residues (special tokens and padding excluded) plus ``loss``."""
         if not chains:
-            raise UserError("no chains to evaluate on.")
+            raise InputError("no chains to evaluate on.")
         self.model.eval()
         labels, scores, losses, weights = [], [], [], []
         for start in range(0, len(chains), batch_size):

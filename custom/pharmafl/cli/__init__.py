@@ -8,7 +8,7 @@ import sys
 from pharmafl import __version__
 from pharmafl.cli import baseline, bench, consortium, experiment, prepare, run
 from pharmafl.cli.common import Parser
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 
 
 def build_parser() -> Parser:
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ValueError) as err:  # ValueError: an option value a component refused
+    except InputError as err:  # UserError is one; any other exception is a bug and keeps its traceback
         print(f"pharmafl: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 
 MARKER = ".pharmafl.json"
 PREPARE_CHEM, PREPARE_BINDING_SITES, SIMULATE = "prepare chem", "prepare binding-sites", "simulate"
@@ -50,22 +50,22 @@ def check_output(
     for path in reads:
         source = Path(path).expanduser().resolve()
         if out == source or out in source.parents:
-            raise UserError(f"{option} '{folder}' holds '{path}', which this command reads; choose another folder.")
+            raise InputError(f"{option} '{folder}' holds '{path}', which this command reads; choose another folder.")
     if not out.exists():
         return False
     if not out.is_dir():
-        raise UserError(f"{option} '{folder}' exists and is not a folder.")
+        raise InputError(f"{option} '{folder}' exists and is not a folder.")
     if not any(out.iterdir()):
         return False
     kinds = tuple(kinds)
     kind = marker_kind(out, marker)
     if kind not in kinds:
         what = f"a `pharmafl {kind}` output" if kind else "not a pharmafl output"
-        raise UserError(
+        raise InputError(
             f"{option} '{folder}' exists and is {what}; it is left untouched: choose a new or empty folder."
         )
     if not overwrite:
-        raise UserError(f"{option} '{folder}' holds a `pharmafl {kind}` output already; --overwrite replaces it.")
+        raise InputError(f"{option} '{folder}' holds a `pharmafl {kind}` output already; --overwrite replaces it.")
     return True
 
 

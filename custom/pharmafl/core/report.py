@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 
 CURVE_TAG = "test/auc_pr"
 
@@ -20,17 +20,17 @@ def find_server_run_dir(workspace: str | Path) -> Path:
     """The server's run folder of a simulator workspace or of a downloaded POC/production job result."""
     root = Path(workspace)
     if not root.is_dir():
-        raise UserError(f"Workspace '{root}' does not exist.")
+        raise InputError(f"Workspace '{root}' does not exist.")
     candidates = sorted(root.glob("**/cross_site_val/cross_val_results.json"))
     if not candidates:
-        raise UserError(f"'{root}' holds no finished run (no cross_site_val/cross_val_results.json).")
+        raise InputError(f"'{root}' holds no finished run (no cross_site_val/cross_val_results.json).")
     preferred = [c for c in candidates if "server" in c.parts] or candidates
     try:
         results = json.loads(preferred[0].read_text())
     except (OSError, ValueError):
         results = None
     if not isinstance(results, dict) or not any(isinstance(v, dict) and v for v in results.values()):
-        raise UserError(
+        raise InputError(
             f"the run in '{root}' finished without results: no site scored the final model; see its simulate.log."
         )
     return preferred[0].parent.parent
@@ -84,7 +84,7 @@ def site_metrics(run_dir: Path, site: str) -> dict | None:
     try:
         metrics = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise UserError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from err
+        raise InputError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from err
     return metrics if isinstance(metrics, dict) else None
 
 

@@ -27,7 +27,7 @@ from pharmafl.consortium.approval import (
     meta_digest,
     refusal_message,
 )
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 
 
 def _site_workspace(fl_ctx: FLContext) -> Workspace:
@@ -64,7 +64,7 @@ class JobApprovalGuard(FLComponent, AppDeployerSpec):
     def _entries(self, workspace: Workspace) -> list[dict] | None:
         try:
             return load_approved(self._list_path(workspace))
-        except UserError as err:
+        except InputError as err:
             self.logger.error(str(err))
             return None  # an unreadable list approves nothing
 

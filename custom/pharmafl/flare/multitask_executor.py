@@ -11,7 +11,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.flare.site_executor import SiteTrainingExecutor, site_data_dir
 from pharmafl.multitask.dataset import load_site
 from pharmafl.multitask.model import trunk_geometry
@@ -116,7 +116,7 @@ class MultiTaskExecutor(SiteTrainingExecutor):
         data = load_site(site_data_dir(self.data_root, site))
         n_features, hidden_sizes = trunk_geometry(global_trunk)
         if n_features != data.n_features:
-            raise UserError(
+            raise InputError(
                 f"the global trunk expects {n_features} fingerprint bits but {site}'s data has "
                 f"{data.n_features}; prepare the data with --bits {n_features} or change the job"
             )

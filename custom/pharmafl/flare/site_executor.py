@@ -20,7 +20,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.paths import DATA_ENV
 from pharmafl.core.progress import PROGRESS_TAG, TASK_FAILED, StepReporter
 
@@ -29,7 +29,7 @@ def site_data_dir(data_root: str, site: str) -> str:
     """Where a site's prepared data lives: ``<data_root>/<site>``, data_root from the job or $PHARMAFL_DATA."""
     root = os.path.expanduser(os.path.expandvars(data_root or os.environ.get(DATA_ENV, "")))
     if not root:
-        raise UserError(f"no data location: set the executor's data_root or the {DATA_ENV} environment variable")
+        raise InputError(f"no data location: set the executor's data_root or the {DATA_ENV} environment variable")
     return os.path.join(root, site)
 
 
@@ -53,7 +53,7 @@ class SiteTrainingExecutor(Executor):
 
     # -- what a subclass provides
     def prepare(self, global_weights: dict, fl_ctx: FLContext):
-        """The site's trainer, holding the global model it was sent (UserError/ValueError for bad input)."""
+        """The site's trainer, holding the global model it was sent (InputError/ValueError for bad input)."""
         raise NotImplementedError
 
     def train_round(self, trainer, fl_ctx: FLContext, abort_signal: Signal) -> tuple[int, dict]:
@@ -89,7 +89,7 @@ class SiteTrainingExecutor(Executor):
             if dxo.data_kind != DataKind.WEIGHTS:
                 raise ValueError(f"expected global model WEIGHTS, got {dxo.data_kind}")
             trainer = self.prepare(dxo.data or {}, fl_ctx)
-        except (UserError, ValueError) as err:
+        except (InputError, ValueError) as err:
             self.log_error(fl_ctx, f"{TASK_FAILED} {site} cannot run {task_name}: {err}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         if task_name == self.validate_task_name:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import verify_checksums
 
 REQUIRED_FILES = ("X.npz", "Y.npz", "folds.npy", "tasks.csv", "manifest.json")
@@ -78,13 +78,13 @@ def load_site(path: str, verify: bool = False) -> SiteData:
     folder = Path(path)
     for name in REQUIRED_FILES:
         if not (folder / name).is_file():
-            raise UserError(
+            raise InputError(
                 f"No prepared data for site at '{path}' (missing {name}); run `pharmafl prepare chem` first."
             )
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"The manifest at '{folder / 'manifest.json'}' is not valid JSON.") from None
+        raise InputError(f"The manifest at '{folder / 'manifest.json'}' is not valid JSON.") from None
     if verify:
         verify_checksums(folder, manifest)
 
@@ -95,7 +95,7 @@ def load_site(path: str, verify: bool = False) -> SiteData:
         folds = np.load(folder / "folds.npy", allow_pickle=False)
         tasks = pd.read_csv(folder / "tasks.csv", dtype={"task_id": str, "assay": str})
     except (ValueError, OSError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        raise UserError(f"The prepared data at '{path}' is damaged; prepare it again.") from None
+        raise InputError(f"The prepared data at '{path}' is damaged; prepare it again.") from None
 
     problems = []
     if Y.shape[0] != X.shape[0] or len(folds) != X.shape[0]:
@@ -112,7 +112,7 @@ def load_site(path: str, verify: bool = False) -> SiteData:
         problems.append("Y holds labels other than +1 and -1")
     regression = _load_regression(folder, X.shape[0], problems)
     if problems:
-        raise UserError(f"The prepared data at '{path}' is inconsistent ({'; '.join(problems)}); prepare it again.")
+        raise InputError(f"The prepared data at '{path}' is inconsistent ({'; '.join(problems)}); prepare it again.")
     return SiteData(
         X=X, Y=Y, folds=folds, tasks=tasks, manifest=manifest, path=str(path), values=values, regression=regression
     )
@@ -126,7 +126,7 @@ def _load_regression(folder: Path, n_compounds: int, problems: list[str]) -> Reg
             row, task, value, censor = (stored[k] for k in ("row", "task", "value", "censor"))
         tasks = pd.read_csv(folder / "regression_tasks.csv", dtype={"task_id": str, "assay": str})
     except (ValueError, OSError, KeyError, zipfile.BadZipFile, pd.errors.ParserError, pd.errors.EmptyDataError):
-        raise UserError(f"The regression data at '{folder}' is damaged; prepare it again.") from None
+        raise InputError(f"The regression data at '{folder}' is damaged; prepare it again.") from None
     if not len(row) == len(task) == len(value) == len(censor):
         problems.append("regression.npz arrays differ in length")
     elif len(row) and (row.min() < 0 or row.max() >= n_compounds or task.min() < 0 or task.max() >= len(tasks)):
@@ -147,4 +147,4 @@ def _load_matrix(path: Path) -> sp.csr_matrix:
     try:
         return sp.csr_matrix(sp.load_npz(path))
     except (ValueError, OSError, KeyError, zipfile.BadZipFile):
-        raise UserError(f"'{path}' is not a readable sparse matrix; prepare the data again.") from None
+        raise InputError(f"'{path}' is not a readable sparse matrix; prepare the data again.") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.outputs import check_output, staged_output
 from pharmafl.core.report import site_metrics
 from pharmafl.jobs import SERVER_CONFIG, find_component, prepared_sites, read_json, write_job_copy
@@ -62,11 +62,11 @@ def run_chem_experiment(
     ``overrides``: executor arguments changed for both sides (the baseline reads them from the job copy);
     ``baseline_overrides``: training settings of the single-partner side only (its own validation-fold winner)."""
     if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {seeds}")
+        raise InputError(f"--seeds must be at least 1, got {seeds}")
     settings = {field.name for field in dataclasses.fields(TrainConfig)} - {"seed"}
     unknown = sorted(set(baseline_overrides or {}) - settings)
     if unknown:
-        raise UserError(
+        raise InputError(
             f"--baseline-set: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(settings))}"
         )
     sites = prepared_sites(data_dir)

@@ -17,7 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import sha256_file
 from pharmafl.multitask.prepare import fingerprint_matrix
 from pharmafl.multitask.standardize import features_with_reason, standardize_with_reason
@@ -57,13 +57,13 @@ def load_site_model(path: str | Path):
         weights = weights / "local_model.pt"
     card_path = weights.with_name(MODEL_CARD)
     if not weights.is_file() or not card_path.is_file():
-        raise UserError(f"no site model at '{path}': expected local_model.pt with its {MODEL_CARD} beside it.")
+        raise InputError(f"no site model at '{path}': expected local_model.pt with its {MODEL_CARD} beside it.")
     try:
         card = json.loads(card_path.read_text())
     except ValueError as err:
-        raise UserError(f"'{card_path}' is not valid JSON ({err}).") from None
+        raise InputError(f"'{card_path}' is not valid JSON ({err}).") from None
     if card.get("card_version") != CARD_VERSION:
-        raise UserError(f"'{card_path}' is a model card of version {card.get('card_version')}, not {CARD_VERSION}.")
+        raise InputError(f"'{card_path}' is a model card of version {card.get('card_version')}, not {CARD_VERSION}.")
     model = MultiTaskNet(
         card["n_features"],
         len(card["tasks"]),
@@ -99,9 +99,9 @@ def predict_smiles_file(
     try:
         frame = pd.read_csv(smiles_file, dtype=str, keep_default_na=False)
     except (OSError, ValueError) as err:
-        raise UserError(f"could not read '{smiles_file}' as a CSV file ({err}).") from None
+        raise InputError(f"could not read '{smiles_file}' as a CSV file ({err}).") from None
     if smiles_col not in frame.columns:
-        raise UserError(f"'{smiles_file}' has no '{smiles_col}' column; its columns are {list(frame.columns)}.")
+        raise InputError(f"'{smiles_file}' has no '{smiles_col}' column; its columns are {list(frame.columns)}.")
     X, standard, status = featurise(list(frame[smiles_col]), card["featurisation"])
     scores = np.full((len(frame), len(card["tasks"])), np.nan, dtype=np.float64)
     ok = np.array([s == "ok" for s in status], dtype=bool)

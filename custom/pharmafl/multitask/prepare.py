@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import sha256_file
 from pharmafl.core.outputs import PREPARATIONS, PREPARE_CHEM, check_output, staged_output
 from pharmafl.multitask.dataset import CENSOR_ABOVE, CENSOR_BELOW, CENSOR_EXACT
@@ -162,7 +162,7 @@ def prepare_chem(
     text_hint = _text_label_hint(frame, labels.ignored_columns) if not labels.assay_names else ""
     del frame
     if not labels.assay_names:
-        raise UserError(
+        raise InputError(
             f"No usable label column in '{input_path}': no column holds numeric activity values{text_hint or '.'}"
         )
 
@@ -172,7 +172,7 @@ def prepare_chem(
     compound, assay = row_compound[labels.row][kept], labels.assay[kept]
     value, qualifier = labels.value[kept], labels.qualifier[kept]
     if len(compounds) == 0:
-        raise UserError(f"No valid structure with labels in '{input_path}'; check the SMILES column.")
+        raise InputError(f"No valid structure with labels in '{input_path}'; check the SMILES column.")
     pairs = _merge_duplicates(compound, assay, value, qualifier, labels.assay_binary)
     if fmt == "wide":  # a record is a row: rows folded into an earlier row of the same structure
         duplicates_merged = int(np.count_nonzero(row_compound >= 0) - len(compounds))
@@ -211,7 +211,7 @@ def prepare_chem(
             site_tasks[config.sites[site_of_task[index]]].append(index)
     for site, indices in site_tasks.items():
         if not indices:
-            raise UserError(
+            raise InputError(
                 f"Site '{site}' has no task with {config.min_train_actives} actives and "
                 f"{config.min_train_inactives} inactives; use fewer partners or a lower training quorum."
             )
@@ -292,33 +292,33 @@ def prepare_chem(
 
 def _validate_config(config: PrepareConfig) -> None:
     if config.compound_overlap not in ("shared", "private"):
-        raise UserError(f"compound overlap must be 'shared' or 'private', got '{config.compound_overlap}'.")
+        raise InputError(f"compound overlap must be 'shared' or 'private', got '{config.compound_overlap}'.")
     if config.partition not in PARTITIONS:
-        raise UserError(f"--partition must be one of {', '.join(PARTITIONS)}, got '{config.partition}'.")
+        raise InputError(f"--partition must be one of {', '.join(PARTITIONS)}, got '{config.partition}'.")
     if config.library_split not in LIBRARY_SPLITS:
-        raise UserError(f"--library-split must be one of {', '.join(LIBRARY_SPLITS)}, got '{config.library_split}'.")
+        raise InputError(f"--library-split must be one of {', '.join(LIBRARY_SPLITS)}, got '{config.library_split}'.")
     sites = list(config.sites)
     if not sites:
-        raise UserError("Give at least one site name.")
+        raise InputError("Give at least one site name.")
     _library_sizes(config)
     if len(set(sites)) != len(sites):
-        raise UserError(f"Site names must be distinct, got {', '.join(sites)}.")
+        raise InputError(f"Site names must be distinct, got {', '.join(sites)}.")
     for site in sites:
         if not site or site in (".", "..") or not all(ch.isalnum() or ch in "-_." for ch in site):
-            raise UserError(f"Site name '{site}' may only use letters, digits, '-', '_' and '.'.")
+            raise InputError(f"Site name '{site}' may only use letters, digits, '-', '_' and '.'.")
     if config.fmt not in ("auto", "wide", "long"):
-        raise UserError(f"Input format must be 'auto', 'wide' or 'long', got '{config.fmt}'.")
+        raise InputError(f"Input format must be 'auto', 'wide' or 'long', got '{config.fmt}'.")
     thresholds = list(config.thresholds)
     if not thresholds:
-        raise UserError("Give at least one activity threshold.")
+        raise InputError("Give at least one activity threshold.")
     if not all(np.isfinite(t) for t in thresholds) or len(set(thresholds)) != len(thresholds):
-        raise UserError(f"Thresholds must be distinct finite numbers, got {thresholds}.")
+        raise InputError(f"Thresholds must be distinct finite numbers, got {thresholds}.")
     if not 2 <= config.n_folds <= 127:
-        raise UserError(f"The number of folds must be between 2 and 127, got {config.n_folds}.")
+        raise InputError(f"The number of folds must be between 2 and 127, got {config.n_folds}.")
     if not 0 <= config.test_fold < config.n_folds:
-        raise UserError(f"The test fold must be between 0 and {config.n_folds - 1}, got {config.test_fold}.")
+        raise InputError(f"The test fold must be between 0 and {config.n_folds - 1}, got {config.test_fold}.")
     if config.n_bits < 1 or config.radius < 0:
-        raise UserError("The fingerprint needs at least 1 bit and a radius of at least 0.")
+        raise InputError("The fingerprint needs at least 1 bit and a radius of at least 0.")
     quorum = (
         config.min_train_actives,
         config.min_train_inactives,
@@ -326,11 +326,11 @@ def _validate_config(config: PrepareConfig) -> None:
         config.min_eval_inactives,
     )
     if min(quorum) < 0:
-        raise UserError("Quorum counts cannot be negative.")
+        raise InputError("Quorum counts cannot be negative.")
     if config.max_compounds is not None and config.max_compounds < 1:
-        raise UserError(f"max_compounds must be at least 1, got {config.max_compounds}.")
+        raise InputError(f"max_compounds must be at least 1, got {config.max_compounds}.")
     if not config.fold_secret:
-        raise UserError("The fold secret cannot be empty.")
+        raise InputError("The fold secret cannot be empty.")
 
 
 def _resolve_input(input_path: str, say: Callable[[str], None]) -> Path:
@@ -338,9 +338,9 @@ def _resolve_input(input_path: str, say: Callable[[str], None]) -> Path:
         return _download(str(input_path), say)
     path = Path(input_path).expanduser()
     if not path.exists():
-        raise UserError(f"Input file '{input_path}' does not exist.")
+        raise InputError(f"Input file '{input_path}' does not exist.")
     if not path.is_file():
-        raise UserError(f"Input '{input_path}' is not a file.")
+        raise InputError(f"Input '{input_path}' is not a file.")
     return path
 
 
@@ -361,7 +361,7 @@ def _download(url: str, say: Callable[[str], None]) -> Path:
     except (OSError, ValueError) as exc:  # URLError, HTTPError and timeouts are OSErrors
         partial.unlink(missing_ok=True)
         reason = getattr(exc, "reason", None) or exc
-        raise UserError(
+        raise InputError(
             f"The download of '{url}' failed ({reason}); download it yourself and pass the local file."
         ) from None
     return target
@@ -385,16 +385,16 @@ def _read_csv(path: Path) -> pd.DataFrame:
             encoding=encoding,
         )
     except pd.errors.EmptyDataError:
-        raise UserError(f"Input file '{path}' is empty.") from None
+        raise InputError(f"Input file '{path}' is empty.") from None
     except UnicodeDecodeError as exc:
-        raise UserError(
+        raise InputError(
             f"'{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}, e.g. Latin-1): "
             "save it as UTF-8 (spreadsheets: 'CSV UTF-8'), or convert it with `iconv -f latin1 -t utf-8 IN > OUT`."
         ) from None
     except (pd.errors.ParserError, gzip.BadGzipFile, EOFError, OSError) as exc:
-        raise UserError(f"Could not read '{path}' as a CSV file ({str(exc).strip()[:200]}).") from None
+        raise InputError(f"Could not read '{path}' as a CSV file ({str(exc).strip()[:200]}).") from None
     if len(frame) == 0:
-        raise UserError(f"Input file '{path}' has a header but no data rows.")
+        raise InputError(f"Input file '{path}' has a header but no data rows.")
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame
 
@@ -405,7 +405,7 @@ def _detect_format(frame: pd.DataFrame, config: PrepareConfig) -> str:
         return "long" if {"task", "value"} <= columns else "wide"
     if config.fmt == "long" and not {"task", "value"} <= columns:
         missing = sorted({"task", "value"} - columns)
-        raise UserError(f"Long format needs columns smiles, task and value; missing {', '.join(missing)}.")
+        raise InputError(f"Long format needs columns smiles, task and value; missing {', '.join(missing)}.")
     return config.fmt
 
 
@@ -418,7 +418,7 @@ def _find_smiles_column(frame: pd.DataFrame, smiles_col: str, say: Callable[[str
         return matches[0]
     shown = ", ".join(f"'{c}'" for c in list(frame.columns)[:8])
     more = f" and {frame.shape[1] - 8} more" if frame.shape[1] > 8 else ""
-    raise UserError(f"SMILES column '{smiles_col}' not found; available columns are {shown}{more}.")
+    raise InputError(f"SMILES column '{smiles_col}' not found; available columns are {shown}{more}.")
 
 
 def _parse_numbers(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -692,7 +692,7 @@ def _library_sizes(config: PrepareConfig) -> np.ndarray:
     sizes = np.asarray(config.library_sizes, dtype=float)
     if len(sizes) != len(config.sites) or not np.all(np.isfinite(sizes)) or np.any(sizes <= 0):
         shares = list(config.library_sizes)
-        raise UserError(f"--library-sizes needs one positive share per site ({len(config.sites)}), got {shares}.")
+        raise InputError(f"--library-sizes needs one positive share per site ({len(config.sites)}), got {shares}.")
     return sizes / sizes.sum()
 
 

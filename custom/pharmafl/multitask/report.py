@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 from pharmafl.core.report import (
     federated_final,
     federated_rounds,
@@ -114,7 +114,7 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
     if baseline_dir is not None:
         path = Path(baseline_dir) / "summary.json"
         if not path.is_file():
-            raise UserError(f"No baseline results at '{path}'; run `pharmafl baseline chem` first.")
+            raise InputError(f"No baseline results at '{path}'; run `pharmafl baseline chem` first.")
         baseline_summary = json.loads(path.read_text())
         baseline, baseline_rounds = baseline_summary["sites"], baseline_summary.get("rounds")
     sites = {}
@@ -263,7 +263,7 @@ def write_multitask_report(workspace: str | Path, folders: list) -> tuple[dict, 
     """``WORKSPACE/report/`` of a multi-task run beside its single-partner baseline folder (at most one)."""
     out = Path(workspace) / "report"
     if len(folders) > 1:
-        raise UserError("a multi-task run takes one --baseline (the single-partner folder).")
+        raise InputError("a multi-task run takes one --baseline (the single-partner folder).")
     summary = build_summary(workspace, folders[0] if folders else None)
     table = format_table(summary)
     write_report_files(

@@ -17,7 +17,7 @@ from rdkit.Chem.MolStandardize import rdMolStandardize
 from rdkit.Chem.Scaffolds import MurckoScaffold
 from rdkit.rdBase import BlockLogs
 
-from pharmafl.core.errors import UserError
+from pharmafl.core.errors import InputError
 
 # Built once: constructing the standardisers costs more than applying them to a small molecule.
 _LARGEST_FRAGMENT = rdMolStandardize.LargestFragmentChooser()
@@ -62,7 +62,7 @@ def _as_mol(mol_or_smiles: Chem.Mol | str) -> Chem.Mol:
     with BlockLogs():
         mol = Chem.MolFromSmiles(mol_or_smiles) if mol_or_smiles else None
     if mol is None:
-        raise UserError(f"Invalid SMILES '{mol_or_smiles}'.")
+        raise InputError(f"Invalid SMILES '{mol_or_smiles}'.")
     return mol
 
 
@@ -116,6 +116,6 @@ def fold_for_scaffold(scaffold: str, secret: str, n_folds: int = 5) -> int:
     Keyed so partners agree on folds without revealing structures to anyone outside the consortium.
     """
     if n_folds < 1:
-        raise UserError(f"The number of folds must be at least 1, got {n_folds}.")
+        raise InputError(f"The number of folds must be at least 1, got {n_folds}.")
     digest = hmac.new(secret.encode("utf-8"), scaffold.encode("utf-8"), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "big") % n_folds
