@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import scipy
 
 from pharmafl.aggregation.fra_lora import dense_mean_svd, fra_lora_aggregate
+from pharmafl.core.machine import describe_machine, load_average
 
 # name: (layers, hidden) of esm2_t{6,12,30,33,36,48}_*_UR50D
 ESM2_GEOMETRIES = {
@@ -132,7 +132,7 @@ def bench_fra_lora(
         distinct_modules: random factor sets per client, reused over the modules (see ``random_clients``).
     """
     progress = progress or (lambda message: None)
-    load_at_start = _load_average()
+    load_at_start = load_average()
     rng = np.random.default_rng(seed)
     rows = []
     limits = DenseLimits(dense_limit_bytes, dense_budget_s, dense_module_limit_s)
@@ -180,7 +180,12 @@ def bench_fra_lora(
             "on one thread (multi-threaded OpenBLAS collapses on a shared, busy machine), and speedup compares those.",
             f"client factors: {distinct_modules} random sets per client reused over the modules (memory bound).",
         ],
-        "machine": {**machine(), "load_average_start": load_at_start, "load_average_end": _load_average()},
+        "machine": {
+            **describe_machine(),
+            "scipy": scipy.__version__,
+            "load_average_start": load_at_start,
+            "load_average_end": load_average(),
+        },
     }
 
 
@@ -275,29 +280,6 @@ def _targets(rows: list[dict]) -> dict:
         "speedup_650M_8_clients": at_650m[0] if at_650m else None,
         "max_15B_factored_s": max(at_15b) if at_15b else None,
     }
-
-
-def machine() -> dict:
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = [{k: lib.get(k) for k in ("internal_api", "version", "architecture")} for lib in threadpool_info()]
-    except ImportError:
-        blas = None
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "blas": blas,
-    }
-
-
-def _load_average() -> list[float] | None:
-    """1, 5 and 15 minute load: other jobs on the machine share its cores, and this says how much."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def _fmt(value: float | None) -> str:

@@ -32,6 +32,7 @@ from pharmafl.binding_sites.formats import SKIP_REASONS, Chain, read_chains, sou
 from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import sha256_file
 from pharmafl.core.outputs import PREPARATIONS, PREPARE_BINDING_SITES, check_output, staged_output
+from pharmafl.core.paths import check_site_names
 
 SPLITS = ("iid", "label-skew", "by-source")
 
@@ -217,11 +218,8 @@ def _client_names(config: SplitConfig, sources: list[str]) -> tuple[list[str], l
     if len(names) != count:
         what = "input files" if config.split == "by-source" else "clients"
         raise InputError(f"Give one client name per client: {len(names)} names for {count} {what}.")
-    if len(set(names)) != len(names):
-        raise InputError(f"Client names must be distinct, got {', '.join(names)}.")
+    check_site_names(names, "Client")
     for name in names:
-        if not name or name in (".", "..") or not all(ch.isalnum() or ch in "-_." for ch in name):
-            raise InputError(f"Client name '{name}' may only use letters, digits, '-', '_' and '.'.")
         if name == COMMON_TEST:
             raise InputError(f"'{COMMON_TEST}' is the common test set's folder; choose another client name.")
     return names, notes

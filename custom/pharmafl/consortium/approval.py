@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from pharmafl.core.errors import UserError
+from pharmafl.core.files import read_json
 
 APPROVED_JOBS_FILE = "approved_jobs.json"
 # Written into a job's run folder at deployment: the entry the site's guard matched (FLARE then edits the deployed
@@ -130,12 +131,7 @@ def job_entries(job_dir: str | Path) -> list[dict]:
     meta_path = job / "meta.json"
     if not meta_path.is_file():
         raise UserError(f"'{job}' is not a FLARE job folder (no meta.json).")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"'{meta_path}' is not valid JSON ({err.msg} at line {err.lineno}).") from err
-    if not isinstance(meta, dict):
-        raise UserError(f"'{meta_path}' must hold a JSON object.")
+    meta = read_json(meta_path, "job's meta.json")
     name = meta.get("name") or job.name
     apps = sorted(meta.get("deploy_map", {}) or [p.name for p in job.iterdir() if (p / "config").is_dir()])
     if not apps:

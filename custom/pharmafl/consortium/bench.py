@@ -34,7 +34,8 @@ def bench_poc(
         port: server FL port (default: the project's 8002).
         progress: callback for progress lines.
     """
-    from pharmafl.multitask.bench import default_bench_data, machine
+    from pharmafl.core.machine import describe_machine
+    from pharmafl.multitask.bench import default_bench_data
 
     work = Path(workdir).resolve()
     data = Path(data_dir) if data_dir else default_bench_data(work)
@@ -66,7 +67,7 @@ def bench_poc(
                 os.environ[key] = value
     return {
         "benchmark": "poc",
-        "machine": machine(),
+        "machine": describe_machine(),
         "data": str(data),
         "sites": info["sites"],
         "rounds": rounds,

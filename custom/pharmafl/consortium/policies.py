@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pharmafl.core.errors import UserError
+from pharmafl.core.files import read_json
 from pharmafl.core.paths import poc_workspace_dir
 from pharmafl.jobs import site_local_dir
 from pharmafl.secure_sum.config import POLICY_FILE, SitePolicy
@@ -34,13 +35,6 @@ def default_project_file() -> Path:
 
 def site_policy_dir() -> Path:
     return consortium_dir() / "site_local"
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from err
 
 
 def merge_resources(base: dict, *extras: dict) -> dict:
@@ -94,10 +88,10 @@ def install_policies(
     if not local.is_dir():
         raise UserError(f"'{participant_dir}' is not a FLARE startup kit (no local/ folder).")
     current = local / RESOURCES if (local / RESOURCES).is_file() else local / (RESOURCES + ".default")
-    base = _read(current) if current.is_file() else {"format_version": 2}
-    extras = [_read(site_local_dir() / RESOURCES)]
+    base = read_json(current) if current.is_file() else {"format_version": 2}
+    extras = [read_json(site_local_dir() / RESOURCES)]
     if is_site:
-        extras.append(_read(site_policy_dir() / RESOURCES))
+        extras.append(read_json(site_policy_dir() / RESOURCES))
     (local / RESOURCES).write_text(json.dumps(merge_resources(base, *extras), indent=2) + "\n")
     written = [RESOURCES]
     for name in SITE_POLICY_FILES if is_site else COMMON_POLICY_FILES:

@@ -47,3 +47,19 @@ def default_chem_input() -> str:
     """The shared ChEMBL file beside the checkout when present, else its public URL (downloaded once)."""
     local = repo_root().parent / "shared" / "data" / "chem" / "chembl_5thresh.csv.gz"
     return str(local) if local.is_file() else CHEMBL_URL
+
+
+def check_site_names(names: list[str], what: str = "Site") -> None:
+    """Refuse site names that are not distinct or not safe as folder names (`InputError`).
+
+    Args:
+        names: the site (or client) names, each becoming a folder.
+        what: the word for them in the message (``"Site"``, ``"Client"``).
+    """
+    from pharmafl.core.errors import InputError
+
+    if len(set(names)) != len(names):
+        raise InputError(f"{what} names must be distinct, got {', '.join(names)}.")
+    for name in names:
+        if not name or name in (".", "..") or not all(ch.isalnum() or ch in "-_." for ch in name):
+            raise InputError(f"{what} name '{name}' may only use letters, digits, '-', '_' and '.'.")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pharmafl.binding_sites.dataset import COMMON_TEST
 from pharmafl.core.errors import UserError
+from pharmafl.core.files import read_json as core_read_json
 from pharmafl.core.paths import poc_workspace_dir
 
 SERVER_CONFIG = "app/config/config_fed_server.json"
@@ -20,13 +21,8 @@ CLIENT_CONFIG = "app/config/config_fed_client.json"
 
 
 def read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError as err:
-        raise UserError(f"'{path}' does not exist; is this a FLARE job folder?") from err
-    except json.JSONDecodeError as err:
-        raise UserError(f"'{path}' is not valid JSON ({err.msg} at line {err.lineno}).") from err
+    """A job folder's JSON file (``meta.json``, ``config_fed_*.json``)."""
+    return core_read_json(path, "job file", hint="is this a FLARE job folder?")
 
 
 def job_configs(job_dir: str | Path) -> tuple[dict, dict]:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import re
 import time
 from datetime import datetime
 from pathlib import Path
 
-import torch
-
+from pharmafl.core.machine import describe_machine
 from pharmafl.core.paths import default_chem_input, job_dir
 from pharmafl.jobs import prepared_sites
 from pharmafl.jobs.simulate import run_simulator
@@ -19,16 +16,6 @@ from pharmafl.multitask.dataset import load_site
 from pharmafl.multitask.train import MultiTaskTrainer
 
 DEFAULT_JOB = job_dir("multitask_fedavg")
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 _ROUND_LINE = re.compile(r"^(\S+ \S+) - ScatterAndGather - .* Round (\d+) (started|finished)\.")
@@ -111,7 +98,7 @@ def bench_trunk(data_dir: str | None, rounds: int = 3, workdir: str = "runs/benc
         "train_compounds": compounds,
         "hidden_sizes": hidden_sizes,
         "batch_size": config.batch_size,
-        "machine": machine(),
+        "machine": describe_machine(),
     }
 
 

@@ -26,6 +26,7 @@ import scipy.sparse as sp
 from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import sha256_file
 from pharmafl.core.outputs import PREPARATIONS, PREPARE_CHEM, check_output, staged_output
+from pharmafl.core.paths import check_site_names
 from pharmafl.multitask.dataset import CENSOR_ABOVE, CENSOR_BELOW, CENSOR_EXACT
 from pharmafl.multitask.standardize import (
     FEATURE_FAILURES,
@@ -301,11 +302,7 @@ def _validate_config(config: PrepareConfig) -> None:
     if not sites:
         raise InputError("Give at least one site name.")
     _library_sizes(config)
-    if len(set(sites)) != len(sites):
-        raise InputError(f"Site names must be distinct, got {', '.join(sites)}.")
-    for site in sites:
-        if not site or site in (".", "..") or not all(ch.isalnum() or ch in "-_." for ch in site):
-            raise InputError(f"Site name '{site}' may only use letters, digits, '-', '_' and '.'.")
+    check_site_names(sites)
     if config.fmt not in ("auto", "wide", "long"):
         raise InputError(f"Input format must be 'auto', 'wide' or 'long', got '{config.fmt}'.")
     thresholds = list(config.thresholds)

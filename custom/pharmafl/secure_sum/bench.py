@@ -28,13 +28,13 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from pharmafl.core.machine import describe_machine
 from pharmafl.secure_sum.config import SecureSumConfig
 from pharmafl.secure_sum.encoding import decode_sum, encode_weighted
 from pharmafl.secure_sum.keys import participants_digest, upload_signed_bytes
@@ -323,7 +323,7 @@ def run_secagg_bench(
         "vs_ckks": comparison,
         "job_overhead": None,
         "job_walls": None,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "machine": describe_machine(),
     }
 
 

@@ -57,10 +57,6 @@ def hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
 
 
-def x25519_private_from_bytes(raw: bytes) -> x25519.X25519PrivateKey:
-    return x25519.X25519PrivateKey.from_private_bytes(raw)
-
-
 def x25519_public_bytes_of(raw_private: bytes) -> bytes:
     return _raw_public(x25519.X25519PrivateKey.from_private_bytes(raw_private).public_key())
 
@@ -337,11 +333,3 @@ def upload_signed_bytes(
     """What an upload's Ed25519 signature covers: the job, round, site, SHA-256 of the payload and the digest of the
     participant list the site masked for."""
     return _frame(_UPLOAD_DOMAIN, job_id, round_number, site, payload_digest, participants)
-
-
-def sha256(*parts: bytes) -> bytes:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    return digest.digest()
