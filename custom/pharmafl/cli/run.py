@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pharmafl.cli.common import (
     add_executor_overrides,
     add_overwrite,
     executor_overrides,
 )
+from pharmafl.core.errors import UserError
+from pharmafl.core.paths import job_dir, jobs_dir
+
+
+def job_folder(job: str) -> Path:
+    """A job folder, or the name of a shipped job (``multitask_fedavg``) when no such folder exists."""
+    if Path(job).exists() or "/" in job:
+        return Path(job)
+    shipped = job_dir(job)
+    if not shipped.is_dir():
+        names = ", ".join(sorted(p.name for p in jobs_dir().iterdir() if (p / "meta.json").is_file()))
+        raise UserError(f"'{job}' is neither a job folder nor a shipped job ({names}).")
+    return shipped
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -16,7 +30,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     faults = dict(parse_fault(text) for text in (args.drop or []) + (args.tamper or []))
     result = run_simulator(
-        args.job,
+        job_folder(args.job),
         args.data,
         args.workspace,
         args.rounds,
@@ -48,7 +62,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     simulate = commands.add_parser("simulate", help="run a job in the FLARE simulator, one client per site")
-    simulate.add_argument("job", help="job folder, e.g. jobs/multitask_fedavg")
+    simulate.add_argument("job", help="job folder (jobs/multitask_fedavg) or a shipped job's name (multitask_fedavg)")
     simulate.add_argument("--data", required=True, help="prepared data folder (one subfolder per site)")
     simulate.add_argument("--workspace", required=True, help="simulator workspace: a new or empty folder")
     add_overwrite(simulate, "an earlier simulator workspace in --workspace")
