@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import signal
 import socket
 import string
 import subprocess
@@ -14,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from pharmafl.consortium.policies import default_project_file, install_policies, kit_certificate_pins
@@ -273,52 +273,45 @@ def running_participants(workspace: Path, project: dict) -> list[str]:
 
 def flare_processes(workspace: Path) -> list[int]:
     """Ids of the processes whose command line names this POC workspace (server, sites, their jobs)."""
-    marker = str(workspace)
+    marker = str(workspace) + "/"
     found = []
-    if not Path("/proc").is_dir():  # not Linux: rely on `nvflare poc stop` alone
-        return found
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker + "/" in cmdline:
-            found.append(int(entry.name))
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or ())  # None: no access, or already gone
+        if process.info["pid"] != os.getpid() and marker in cmdline:
+            found.append(process.info["pid"])
     return found
 
 
 def terminate_processes(pids: list[int], grace_s: float = 10.0) -> None:
-    """SIGTERM the processes, then SIGKILL those still alive after ``grace_s`` seconds.
+    """Terminate the processes, then kill those still alive after ``grace_s`` seconds.
 
     Args:
         pids: process ids (from ``flare_processes``).
         grace_s: seconds to wait for each signal to take effect.
     """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    for stop in (psutil.Process.terminate, psutil.Process.kill):
+        for process in processes:
             try:
-                os.kill(pid, sig)
-            except OSError:
+                stop(process)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.2)
-        pids = [p for p in pids if _alive(p)]
-        if not pids:
+        _, processes = psutil.wait_procs(processes, timeout=grace_s)
+        processes = [p for p in processes if _alive(p.pid)]
+        if not processes:
             return
 
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    # A zombie has exited; only its parent can reap it.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (OSError, IndexError):
+        # A zombie has exited; only its parent can reap it.
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
