@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 from nvflare.apis.event_type import EventType
@@ -194,3 +195,20 @@ def test_byoc_flag_the_server_derives_does_not_change_the_approval(workspace, tm
     assert meta["byoc"] is True  # set by the server's JobMetaValidator, not by the author
     error = JobApprovalGuard().deploy(workspace, "job-1", meta, "app", _app_bytes(job / "app"), FLContext())
     assert not error
+
+
+def test_the_one_private_flare_class_still_matches_the_public_spec():
+    """job_approval.py delegates to FLARE's private AppDeployer: checked against 2.9.0, re-check on upgrade."""
+    import inspect
+
+    import nvflare
+    from nvflare.apis.app_deployer_spec import AppDeployerSpec
+    from nvflare.private.fed.utils.app_deployer import AppDeployer
+
+    assert nvflare.__version__ == "2.9.0", "FLARE changed: re-check AppDeployer in pharmafl/flare/job_approval.py"
+    assert issubclass(AppDeployer, AppDeployerSpec)
+    assert inspect.signature(AppDeployer.deploy) == inspect.signature(AppDeployerSpec.deploy)
+    # the only module of the package that reaches into nvflare.private
+    package = Path(inspect.getfile(JobApprovalGuard)).parents[1]
+    users = sorted(p.name for p in package.rglob("*.py") if "nvflare.private" in p.read_text())
+    assert users == ["job_approval.py"]
