@@ -415,11 +415,13 @@ def test_the_workflow_refuses_a_server_blind_half_configuration(blind_workflow):
     generator = FullModelShareableGenerator() if blind_workflow else BlindShareableGenerator()
     components = {"persistor": NumpyStatePersistor(), "generator": generator}
     workflow = SecureSumWorkflow(secure_sum={"server_blind": blind_workflow}, shareable_generator_id="generator")
-    workflow._engine = MagicMock()
-    workflow._engine.get_component.side_effect = components.get
+    engine = MagicMock()
+    engine.get_component.side_effect = components.get
+    context = FLContext()
+    context.set_prop(ReservedKey.ENGINE, engine, private=True, sticky=True)
     panics = []
     workflow.system_panic = lambda reason, fl_ctx: panics.append(reason)
-    workflow.start_controller(FLContext())
+    workflow.start_controller(context)
     assert len(panics) == 1 and "BlindShareableGenerator" in panics[0] and f"server_blind={blind_workflow}" in panics[0]
 
 

@@ -16,7 +16,6 @@ from pharmafl.consortium.poc import admin_with_role, load_project, poc_workspace
 from pharmafl.core.errors import UserError
 
 COMPLETED = "FINISHED:COMPLETED"
-TERMINAL_PREFIXES = ("FINISHED", "FAILED", "ABANDONED")
 
 
 def poc_admin_kit(user: str | None = None) -> tuple[str, Path]:
@@ -43,10 +42,6 @@ def append_record(path: str | Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _is_terminal(status: str) -> bool:
-    return status.startswith(TERMINAL_PREFIXES)
 
 
 def submit_job(
@@ -160,16 +155,20 @@ def _finish(
 
 
 def _follow(session, job_id: str, timeout_s: float, say: Callable[[str], None]) -> dict:
+    """The job's final meta, from the FLARE API's own monitor; each new status is said once."""
+    from nvflare.fuel.flare_api.api_spec import MonitorReturnCode
+
     start = time.monotonic()
-    last = None
-    while True:
-        meta = session.get_job_meta(job_id)
+    seen = {"status": None}
+
+    def on_poll(_session, _job_id, meta, *_args, **_kwargs) -> bool:
         status = meta.get("status", "")
-        if status != last:
+        if status != seen["status"]:
             say(f"job {job_id}: {status} after {time.monotonic() - start:.0f} s")
-            last = status
-        if _is_terminal(status):
-            return meta
-        if timeout_s and time.monotonic() - start > timeout_s:
-            raise UserError(f"job {job_id} did not finish within {timeout_s:.0f} s (last status {status})")
-        time.sleep(2.0)
+            seen["status"] = status
+        return True
+
+    code, meta = session.monitor_job_and_return_job_meta(job_id, timeout=timeout_s, poll_interval=2.0, cb=on_poll)
+    if code != MonitorReturnCode.JOB_FINISHED:
+        raise UserError(f"job {job_id} did not finish within {timeout_s:.0f} s (last status {seen['status']})")
+    return meta

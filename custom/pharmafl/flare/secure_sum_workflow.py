@@ -152,8 +152,8 @@ class SecureSumWorkflow(Controller):
 
     # -- FLARE lifecycle
     def start_controller(self, fl_ctx: FLContext) -> None:
-        self.persistor = self._engine.get_component(self.persistor_id)
-        self.shareable_gen = self._engine.get_component(self.shareable_generator_id)
+        self.persistor = fl_ctx.get_engine().get_component(self.persistor_id)
+        self.shareable_gen = fl_ctx.get_engine().get_component(self.shareable_generator_id)
         if not isinstance(self.persistor, LearnablePersistor):
             self.system_panic(f"'{self.persistor_id}' must be a LearnablePersistor, got {type(self.persistor)}", fl_ctx)
             return
@@ -183,7 +183,7 @@ class SecureSumWorkflow(Controller):
         self.log_warning(fl_ctx, f"ignoring a result of {task_name} from {client.name}: not a standing task")
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
-        sites = sorted(client.name for client in self._engine.get_clients())
+        sites = sorted(client.name for client in fl_ctx.get_engine().get_clients())
         try:
             self.key_setup(sites, fl_ctx, abort_signal)
         except (SecureSumError, ValueError) as err:
