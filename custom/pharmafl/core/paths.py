@@ -11,6 +11,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from pharmafl.core.errors import InputError
+
 HOME_ENV = "PHARMAFL_HOME"
 DATA_ENV = "PHARMAFL_DATA"  # a site's data root when the executor's data_root is empty
 CHEMBL_URL = "https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/chembl_5thresh.csv.gz"
@@ -56,8 +58,6 @@ def check_site_names(names: list[str], what: str = "Site") -> None:
         names: the site (or client) names, each becoming a folder.
         what: the word for them in the message (``"Site"``, ``"Client"``).
     """
-    from pharmafl.core.errors import InputError
-
     if len(set(names)) != len(names):
         raise InputError(f"{what} names must be distinct, got {', '.join(names)}.")
     for name in names:
