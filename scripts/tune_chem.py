@@ -25,7 +25,7 @@ import numpy as np
 from pharmafl.aggregation.weighted_mean import weighted_mean
 from pharmafl.jobs import prepared_sites
 from pharmafl.multitask.dataset import SiteData, load_site
-from pharmafl.multitask.model import TrunkModel
+from pharmafl.multitask.model import TrunkConfig, TrunkModel
 from pharmafl.multitask.train import MultiTaskTrainer, TrainConfig
 
 
@@ -52,7 +52,7 @@ def validation_curves(trainers: list[MultiTaskTrainer], rounds: int, federated: 
 
 def pooled_curves(pooled: SiteData, sites: list[SiteData], config: TrainConfig, hidden: int, rounds: int) -> np.ndarray:
     """Validation AUC-PR on each site's tasks (columns) of one model trained on all data, per epoch (rows)."""
-    trainer = MultiTaskTrainer(pooled, config, [hidden])
+    trainer = MultiTaskTrainer(pooled, config, TrunkConfig(pooled.n_features, (hidden,)))
     site_tasks = [set(d.tasks["task_id"]) for d in sites]
     curve = []
     for _ in range(rounds):
@@ -62,9 +62,8 @@ def pooled_curves(pooled: SiteData, sites: list[SiteData], config: TrainConfig, 
     return np.array(curve)
 
 
-def _geometry(trainer: MultiTaskTrainer) -> tuple[int, list[int], float]:
-    hidden = [trainer.model.trunk.output_size]
-    return trainer.data.n_features, hidden, trainer.config.dropout
+def _geometry(trainer: MultiTaskTrainer) -> tuple[int, list[int]]:
+    return trainer.data.n_features, list(trainer.model.trunk.hidden_sizes)
 
 
 def main() -> None:
@@ -94,7 +93,7 @@ def main() -> None:
                 pooled = load_site(str(Path(args.pooled) / prepared_sites(args.pooled)[0]))
                 per_site = pooled_curves(pooled, sites, config, hidden, args.rounds)
             else:
-                trainers = [MultiTaskTrainer(d, config, [hidden]) for d in sites]
+                trainers = [MultiTaskTrainer(d, config, TrunkConfig(d.n_features, (hidden,))) for d in sites]
                 per_site = validation_curves(trainers, args.rounds, method == "federated")
             curve = per_site.mean(axis=1)
             best = int(np.argmax(curve))

@@ -106,7 +106,9 @@ def test_set_reads_json_values_and_keeps_strings():
 
 def test_experiment_refuses_an_unknown_baseline_setting(tmp_path):
     result = pharmafl("experiment", "chem", "--data", "d", "--out", "o", "--baseline-set", "drop=0.2", cwd=tmp_path)
-    assert_clean_error(result, "--baseline-set: unknown setting 'drop'")
+    assert_clean_error(
+        result, "--baseline-set: multitask_fedavg has no setting drop; its settings are: training.dropout"
+    )
     assert not (tmp_path / "o").exists()
 
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from pharmafl.core.paths import repo_root
-from pharmafl.jobs import write_job_copy
+from pharmafl.jobs.export import JobOptions, export_run_job
 
 pytestmark = pytest.mark.slow
 README = repo_root() / "README.md"
@@ -52,6 +52,7 @@ def readme_commands() -> list[str]:
 
 # (README command pattern, the small-subset version: "{}" is the command with its [optional] parts removed)
 RULES = [
+    (r"^\.venv/bin/pharmafl jobs check$", "{}"),
     (r"^\.venv/bin/pharmafl prepare chem .*--partners 5", "{} " + SMALL_CHEM),
     (r"^\.venv/bin/pharmafl prepare chem ", "{} " + SMALL_CHEM),
     (r"^\.venv/bin/pharmafl simulate jobs/multitask_fedavg ", "{} --rounds 1"),
@@ -101,7 +102,7 @@ def test_every_readme_command_runs_on_a_small_subset(tmp_path):
     for name in (".venv", "jobs", "poc_workspace"):
         (root / name).symlink_to(repo_root() / name)
     (tmp_path / "shared").symlink_to(repo_root().parent / "shared")
-    write_job_copy(repo_root() / "jobs" / "multitask_fedavg", root / "runs" / "smoke_jobs", num_rounds=1)
+    export_run_job("multitask_fedavg", root / "runs" / "smoke_jobs", JobOptions(num_rounds=1))
     port = free_port()
     commands = [small(command, port) for command in readme_commands()]
     # approve (last in README) must come before the submit that needs it, once the POC kits exist

@@ -11,11 +11,19 @@ from pharmafl.cli import main
 from pharmafl.core.errors import UserError
 from pharmafl.core.paths import repo_root
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
-from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component
+from pharmafl.flare.job_builders import JobOptions, resolve_settings
 from pharmafl.jobs.simulate import run_simulator
 from pharmafl.secure_sum.encoding import choose_fixed_point
 from pharmafl.secure_sum.ledger import LEDGER_FILE, SITE_LEDGER_FILE, read_ledger, verify_run
-from pharmafl.testing.secure_sum import BLIND_MEAN, BLIND_MODEL, MEANS_DIR, RECORD_DIR
+from pharmafl.testing.secure_sum import (
+    BLIND_MEAN,
+    BLIND_MODEL,
+    MEANS_DIR,
+    RECORD_DIR,
+    FaultySecureSumSite,
+    InconsistentUWorkflow,
+    RecordingSecureSumWorkflow,
+)
 
 pytestmark = pytest.mark.slow
 JOB = repo_root() / "jobs" / "multitask_secure"
@@ -32,33 +40,24 @@ def five_sites(chembl_csv, tmp_path_factory):
     return out_dir
 
 
-RECORDING_WORKFLOW = "pharmafl.testing.secure_sum.RecordingSecureSumWorkflow"
-RECORDING_SITE = "pharmafl.testing.secure_sum.FaultySecureSumSite"
+SMALL_TRUNK = {"trunk.n_features": BITS, "trunk.hidden_sizes": [32]}
 
 
-def record_plaintext(job, workflow=RECORDING_WORKFLOW, **workflow_args):
-    """The job copy's secure components swapped for the test recorders: the server's means, the sites' uploads."""
-    server = json.loads((job / SERVER_CONFIG).read_text())
-    workflow_config = find_component(server, "secure_sum")
-    workflow_config["path"] = workflow
-    workflow_config["args"].update(workflow_args)
-    (job / SERVER_CONFIG).write_text(json.dumps(server))
-    client = json.loads((job / CLIENT_CONFIG).read_text())
-    site = find_component(client, "secure_sum")
-    site["path"] = RECORDING_SITE
-    site["args"]["record_updates"] = True
-    (job / CLIENT_CONFIG).write_text(json.dumps(client))
-    return workflow_config["args"]["secure_sum"]
+def secure_sum_settings(name: str) -> dict:
+    """The secure_sum settings job ``name`` runs with, defaults included."""
+    _, settings = resolve_settings(name, {})
+    return {"fraction_bits": None, "modulus_bits": None, **settings}
 
 
-def tiny_secure_job(out_dir, **workflow_args):
-    """multitask_secure with a small trunk, recording the server's means and the sites' plaintext uploads."""
-    job = out_dir / JOB.name
-    shutil.copytree(JOB, job)
-    server = json.loads((job / SERVER_CONFIG).read_text())
-    find_component(server, "persistor")["args"]["model"]["args"].update(n_features=BITS, hidden_sizes=[32])
-    (job / SERVER_CONFIG).write_text(json.dumps(server))
-    return job, record_plaintext(job, **workflow_args)
+def recording(workflow=RecordingSecureSumWorkflow, initial_model: str = "", **workflow_args) -> JobOptions:
+    """Build options: a small trunk, the sites' plaintext uploads recorded and the server's means (``workflow``)."""
+    return JobOptions(
+        settings=SMALL_TRUNK,
+        initial_model=initial_model,
+        site_component=FaultySecureSumSite(record_updates=True),
+        workflow_class=workflow,
+        server_args=workflow_args,
+    )
 
 
 def ledger_of(run_dir):
@@ -69,9 +68,11 @@ def ledger_of(run_dir):
 def faulty_run(five_sites, tmp_path_factory):
     """Round 0: site-2 drops after key setup, site-4 after its upload. Round 1: site-3's upload is tampered."""
     tmp = tmp_path_factory.mktemp("secure_sim")
-    job, settings = tiny_secure_job(tmp)
+    settings = secure_sum_settings(JOB.name)
     faults = {"site-2": "after-setup", "site-4": "after-upload", "site-3": "tampered@1"}
-    result = run_simulator(job, five_sites, tmp / "workspace", rounds=2, quiet=True, faults=faults)
+    result = run_simulator(
+        JOB, five_sites, tmp / "workspace", rounds=2, quiet=True, faults=faults, job_options=recording()
+    )
     run_dir = tmp / "workspace" / "server" / "simulate_job"
     return result, tmp / "workspace", run_dir, ledger_of(run_dir)[1:], settings
 
@@ -143,11 +144,10 @@ def test_every_site_still_scores_the_final_model(faulty_run):
 def test_a_server_that_tells_each_site_its_own_u_gets_no_share(five_sites, tmp_path):
     # the real site code against a real malicious workflow: every site signs the U it is told (size t, built
     # around site-1), then refuses to reveal anything, because no t sites signed the same U
-    attack = "pharmafl.testing.secure_sum.InconsistentUWorkflow"
-    job, _ = tiny_secure_job(tmp_path, workflow=attack, target="site-1", attacked_round=0)
+    attack = recording(InconsistentUWorkflow, target="site-1", attacked_round=0)
     # the sites stop taking part once their ledger check finds the lie: the command fails and says so
     with pytest.raises(UserError, match="the server's U differs from the U site-1 signed"):
-        run_simulator(job, five_sites, tmp_path / "ws", rounds=1, quiet=True)
+        run_simulator(JOB, five_sites, tmp_path / "ws", rounds=1, quiet=True, job_options=attack)
     run_dir = tmp_path / "ws" / "server" / "simulate_job"
     (record,) = ledger_of(run_dir)[1:]
     assert record["status"] == "failed" and record["reason"] == "attack round 0: 0 sites revealed shares"
@@ -188,19 +188,12 @@ def test_esm_lora_secure_job_aggregates_masked_deltas(gpsite_small, tiny_esm_con
         assert all(np.isfinite(state[name]).all() for name in state.files)
 
 
-def tiny_job(name, out_dir, initial_model):
-    """A copy of job ``name`` with a small trunk that starts from the checkpoint ``initial_model``; secure jobs record
-    the server's aggregates and the sites' plaintext uploads (and, server-blind, the sites' models)."""
-    job = out_dir / name
-    shutil.copytree(repo_root() / "jobs" / name, job)
-    server = json.loads((job / SERVER_CONFIG).read_text())
-    persistor = find_component(server, "persistor")
-    persistor["args"]["model"]["args"].update(n_features=BITS, hidden_sizes=[32])
-    persistor["args"]["source_ckpt_file_full_name"] = str(initial_model)
-    (job / SERVER_CONFIG).write_text(json.dumps(server))
+def tiny_job(name, initial_model) -> JobOptions:
+    """Build options for job ``name``: a small trunk that starts from the checkpoint ``initial_model``; secure jobs
+    record the server's aggregates and the sites' plaintext uploads (and, server-blind, the sites' models)."""
     if "secure" in name:
-        record_plaintext(job)
-    return job
+        return recording(initial_model=str(initial_model))
+    return JobOptions(settings=SMALL_TRUNK, initial_model=str(initial_model))
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +208,8 @@ def same_start(five_sites, tmp_path_factory):
     torch.save(initial, tmp / "initial_trunk.pt")
     runs = {}
     for name in ("multitask_fedavg", "multitask_secure", "multitask_secure_blind"):
-        job = tiny_job(name, tmp, tmp / "initial_trunk.pt")
-        run_simulator(job, five_sites, tmp / f"ws_{name}", rounds=2, quiet=True)
+        options = tiny_job(name, tmp / "initial_trunk.pt")
+        run_simulator(name, five_sites, tmp / f"ws_{name}", rounds=2, quiet=True, job_options=options)
         run_dir = tmp / f"ws_{name}/server/simulate_job"
         model = torch.load(run_dir / "app_server/FL_global_model.pt", weights_only=False)
         results = json.loads((run_dir / "cross_site_val/cross_val_results.json").read_text())
@@ -288,8 +281,7 @@ def test_server_blind_server_keeps_the_initial_model_and_only_group_masked_sums(
     assert [(r["status"], r["server_blind"], r["total_weight"]) for r in records] == [("ok", True, None)] * 2
     # server-blind, the ledger's model digests are those of the group-masked aggregates the server forwards
     assert records[0]["model_before"] != records[0]["model_after"] != records[1]["model_after"]
-    server_config = json.loads((repo_root() / "jobs/multitask_secure_blind" / SERVER_CONFIG).read_text())
-    args = find_component(server_config, "secure_sum")["args"]["secure_sum"]
+    args = secure_sum_settings("multitask_secure_blind")
     fixed_point = choose_fixed_point(
         args["clip"], args["max_weight"], len(SITES), args["fraction_bits"], args["modulus_bits"]
     )

@@ -4,8 +4,9 @@ import pytest
 
 from pharmafl.core.errors import UserError
 from pharmafl.core.paths import repo_root
-from pharmafl.jobs import CLIENT_CONFIG, find_component, write_job_copy
-from pharmafl.jobs.simulate import _inject_faults, parse_fault
+from pharmafl.jobs import CLIENT_CONFIG, find_component
+from pharmafl.jobs.export import JobOptions, export_run_job
+from pharmafl.jobs.simulate import _faulty_site, parse_fault
 
 
 def test_fault_specs_parse_and_bad_ones_are_refused():
@@ -16,17 +17,16 @@ def test_fault_specs_parse_and_bad_ones_are_refused():
             parse_fault(bad)
 
 
-def test_faults_go_into_the_secure_sum_component_of_the_job_copy(tmp_path):
-    job = write_job_copy(repo_root() / "jobs" / "multitask_secure", tmp_path)
-    _inject_faults(job, ["site-1", "site-2"], {"site-2": "after-upload"}, 1)
+def test_faults_go_into_the_secure_sum_component_of_the_run_copy(tmp_path):
+    site = _faulty_site("multitask_secure", ["site-1", "site-2"], {"site-2": "after-upload"}, 1)
+    job = export_run_job("multitask_secure", tmp_path, JobOptions(site_component=site))
     component = find_component(json.loads((job / CLIENT_CONFIG).read_text()), "secure_sum")
     assert component["path"] == "pharmafl.testing.secure_sum.FaultySecureSumSite"
     assert component["args"]["faults"] == {"site-2": "after-upload"} and component["args"]["fault_round"] == 1
     with pytest.raises(UserError, match="the sites are"):
-        _inject_faults(job, ["site-1", "site-2"], {"site-9": "after-setup"}, 0)
-    plain = write_job_copy(repo_root() / "jobs" / "multitask_fedavg", tmp_path)
+        _faulty_site("multitask_secure", ["site-1", "site-2"], {"site-9": "after-setup"}, 0)
     with pytest.raises(UserError, match="need a secure-sum job"):
-        _inject_faults(plain, ["site-1"], {"site-1": "after-setup"}, 0)
+        _faulty_site("multitask_fedavg", ["site-1"], {"site-1": "after-setup"}, 0)
 
 
 def test_shipped_jobs_carry_no_test_machinery():

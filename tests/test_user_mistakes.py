@@ -137,7 +137,9 @@ def test_the_valid_argument_names_are_listed(chembl_small, tmp_path):
         JOBS / "multitask_fedavg", "--data", chembl_small, "--workspace", tmp_path / "ws", "--set", "learnin_rate=0.1"
     )
     assert (
-        code == 2 and "has no argument learnin_rate" in stderr and "learning_rate" in stderr.split("arguments are:")[1]
+        code == 2
+        and "has no setting learnin_rate" in stderr
+        and "training.learning_rate" in stderr.split("settings are:")[1]
     )
     assert not (tmp_path / "ws").exists()
 

@@ -31,7 +31,9 @@ def test_hash_ignores_flare_signature_files_but_not_config_changes(tmp_path):
     (job / "app" / "config" / ".__nvfl_submitter.crt").write_text("cert")
     assert app_hash(job / "app") == before
     client = job / CLIENT_CONFIG
-    client.write_text(client.read_text().replace('"upload": "trunk"', '"upload": "all"'))
+    config = client.read_text()
+    assert '"dropout": 0.5' in config
+    client.write_text(config.replace('"dropout": 0.5', '"dropout": 0.4'))
     assert app_hash(job / "app") != before
 
 

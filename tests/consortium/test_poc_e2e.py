@@ -17,9 +17,10 @@ from pharmafl.consortium.submit import submit_job
 from pharmafl.core.errors import UserError
 from pharmafl.core.paths import repo_root
 from pharmafl.flare.fedavg_aggregator import CONTRIBUTIONS_LOG
-from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component, read_json, write_job_copy
+from pharmafl.jobs import CLIENT_CONFIG, read_json
+from pharmafl.jobs.export import JobOptions, export_run_job
 from pharmafl.secure_sum.ledger import LEDGER_FILE, read_ledger, verify_run
-from pharmafl.testing.secure_sum import MEANS_DIR, RECORD_DIR
+from pharmafl.testing.secure_sum import MEANS_DIR, RECORD_DIR, FaultySecureSumSite, RecordingSecureSumWorkflow
 
 from .conftest import SITES, free_port_pair
 
@@ -66,7 +67,7 @@ def consortium(tmp_path_factory, chembl_consortium, checkout_before):
 @pytest.fixture(scope="module")
 def one_round_job(consortium, tmp_path_factory):
     """multitask_fedavg with 1 round, approved at every site (a changed config is a new job to approve)."""
-    job = write_job_copy(JOB, tmp_path_factory.mktemp("jobs"), num_rounds=1, min_clients=3)
+    job = export_run_job(JOB, tmp_path_factory.mktemp("jobs"), JobOptions(num_rounds=1, sites=3))
     _approve(job, consortium["kits"], SITES)
     return job
 
@@ -115,7 +116,7 @@ def test_org_admin_may_not_submit(consortium, one_round_job, tmp_path, capsys):
 
 def test_a_site_refuses_a_job_it_did_not_approve(consortium, one_round_job, tmp_path):
     # The same job with another learning rate: approved at pharma-a and pharma-b, not at pharma-c.
-    variant = write_job_copy(one_round_job, tmp_path, executor_overrides={"learning_rate": 0.01})
+    variant = export_run_job(JOB, tmp_path, JobOptions(1, 3, {"learning_rate": 0.01}))
     _approve(variant, consortium["kits"], ["pharma-a", "pharma-b"])
     (sha256,) = [e["sha256"] for e in job_entries(variant)]
     with pytest.raises(UserError) as refused:
@@ -127,8 +128,9 @@ def test_a_site_refuses_a_job_it_did_not_approve(consortium, one_round_job, tmp_
 
 
 def test_trunk_only_scope_keeps_the_head_at_the_site(consortium, tmp_path):
-    # A job that uploads its head and drops its own TrunkOnlyFilter: only the site's scope protects the head.
-    job = _rename(write_job_copy(JOB, tmp_path, 1, 3, {"upload": "all"}), "head_upload")
+    # A job that uploads its head and drops its own TrunkOnlyFilter (edited by hand, as a careless or malicious
+    # job author could): only the site's scope protects the head.
+    job = _rename(export_run_job(JOB, tmp_path, JobOptions(1, 3, {"upload": "all"})), "head_upload")
     client = read_json(job / CLIENT_CONFIG)
     client["task_result_filters"] = []
     (job / CLIENT_CONFIG).write_text(json.dumps(client, indent=2))
@@ -174,20 +176,17 @@ def test_secure_sum_signed_survives_a_vanished_site_and_the_ledger_verifies(cons
     # key and checks every peer against the consortium root CA and the roster and certificate pins poc up installed.
     # pharma-c vanishes right after its round-0 upload: all its processes get SIGKILL (a host lost). FLARE does not
     # abort the job (its min_clients is the threshold, 2); round 0 unmasks with the other two, round 1 runs without it.
-    job = write_job_copy(repo_root() / "jobs" / "multitask_secure", tmp_path, num_rounds=2, min_clients=3)
+    timeouts = {"wait_time_after_min_received": 5, "task_timeout": 120, "train_timeout": 300, "validation_timeout": 60}
+    options = JobOptions(
+        num_rounds=2,
+        sites=3,
+        settings={"trunk.hidden_sizes": [32]},
+        site_component=FaultySecureSumSite(record_updates=True),
+        workflow_class=RecordingSecureSumWorkflow,
+        server_args={"require_signed": True, **timeouts},
+    )
+    job = export_run_job("multitask_secure", tmp_path, options)
     assert read_json(job / "meta.json")["min_clients"] == 2
-    server = read_json(job / SERVER_CONFIG)
-    workflow = find_component(server, "secure_sum")
-    workflow["path"] = "pharmafl.testing.secure_sum.RecordingSecureSumWorkflow"
-    workflow["args"].update(require_signed=True, wait_time_after_min_received=5, task_timeout=120, train_timeout=300)
-    find_component(server, "persistor")["args"]["model"]["args"]["hidden_sizes"] = [32]
-    find_component(server, "global_model_eval")["args"]["validation_timeout"] = 60
-    (job / SERVER_CONFIG).write_text(json.dumps(server, indent=2))
-    client = read_json(job / CLIENT_CONFIG)
-    site_component = find_component(client, "secure_sum")
-    site_component["path"] = "pharmafl.testing.secure_sum.FaultySecureSumSite"
-    site_component["args"]["record_updates"] = True
-    (job / CLIENT_CONFIG).write_text(json.dumps(client, indent=2))
     kits = consortium["kits"]
     _approve(job, kits, SITES)
     job_id = submit_job(job, record_file=tmp_path / "r.jsonl", progress=None)["job_id"]

@@ -11,11 +11,18 @@ from pharmafl.flare.esm_lora_executor import FINAL_STATE_FILE, ESMLoRAExecutor
 
 from .conftest import task
 
-SMALL = {"batch_size": 4, "local_steps": 3, "max_length": 64, "lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-2}
+SMALL = {"batch_size": 4, "local_steps": 3, "max_length": 64, "learning_rate": 1e-2}
+LORA = {"rank": 4, "alpha": 8}
 
 
-def started(fl_ctx, data_root, model_config, **kwargs) -> ESMLoRAExecutor:
-    executor = ESMLoRAExecutor(data_root=str(data_root), model_config=model_config, **{**SMALL, **kwargs})
+def started(fl_ctx, data_root, model_config, training=None, **kwargs) -> ESMLoRAExecutor:
+    executor = ESMLoRAExecutor(
+        data_root=str(data_root),
+        model_config=model_config,
+        training={**SMALL, **(training or {})},
+        lora=LORA,
+        **kwargs,
+    )
     executor.handle_event(EventType.START_RUN, fl_ctx)
     return executor
 

@@ -98,7 +98,7 @@ def test_deploy_installs_an_approved_app(workspace):
     )
     assert not error
     deployed = json.loads(open(f"{workspace.get_app_dir('job-1')}/config/config_fed_client.json").read())
-    assert deployed["executors"][0]["executor"]["args"]["upload"] == "trunk"
+    assert deployed["executors"][0]["executor"]["args"]["training"] == {"dropout": 0.5}
     # the entry the guard matched stays in the run folder, for the secure sum's ledger
     recorded = json.loads(open(f"{workspace.get_run_dir('job-1')}/approved_app.json").read())
     assert recorded == job_entries(JOB)[0]
@@ -164,7 +164,9 @@ def test_same_name_with_another_config_is_refused(workspace, tmp_path):
     changed = tmp_path / "changed_app"
     shutil.copytree(JOB / "app", changed)
     client = changed / "config" / "config_fed_client.json"
-    client.write_text(client.read_text().replace('"upload": "trunk"', '"upload": "all"'))
+    config = client.read_text()
+    assert '"dropout": 0.5' in config
+    client.write_text(config.replace('"dropout": 0.5', '"dropout": 0.4'))
     error = JobApprovalGuard().deploy(workspace, "job-2", _server_meta(JOB), "app", _app_bytes(changed), FLContext())
     assert "refuses" in error
 

@@ -11,6 +11,7 @@ from pharmafl.multitask.model import TrunkModel
 from .conftest import task
 
 HIDDEN = [32]
+TRUNK = {"hidden_sizes": HIDDEN}
 
 
 def global_trunk(n_features=32000, hidden=HIDDEN):
@@ -21,7 +22,9 @@ def global_trunk(n_features=32000, hidden=HIDDEN):
 def started(fl_ctx, tmp_path, chembl_small):
     run_dir = tmp_path
     log_writer = fl_ctx.get_engine().get_component.return_value
-    executor = MultiTaskExecutor(data_root=str(chembl_small), local_epochs=1, batch_size=256)
+    executor = MultiTaskExecutor(
+        data_root=str(chembl_small), training={"local_epochs": 1, "batch_size": 256}, trunk=TRUNK
+    )
     executor.handle_event(EventType.START_RUN, fl_ctx)
     return executor, fl_ctx, run_dir, log_writer
 
@@ -65,7 +68,7 @@ def test_validate_reports_per_task_auc(started):
 
 def test_upload_all_sends_the_head_too(tmp_path, chembl_small, started):
     _, fl_ctx, _, _ = started
-    executor = MultiTaskExecutor(data_root=str(chembl_small), upload="all")
+    executor = MultiTaskExecutor(data_root=str(chembl_small), trunk=TRUNK, upload="all")
     executor.handle_event(EventType.START_RUN, fl_ctx)
     dxo = from_shareable(executor.execute("train", task(global_trunk()), fl_ctx, Signal()))
     assert any(k.startswith("head.") for k in dxo.data)
@@ -75,7 +78,7 @@ def test_mismatched_trunk_and_missing_data_fail_cleanly(started, tmp_path):
     executor, fl_ctx, _, _ = started
     result = executor.execute("train", task(global_trunk(n_features=1024)), fl_ctx, Signal())
     assert result.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
-    missing = MultiTaskExecutor(data_root=str(tmp_path / "nowhere"))
+    missing = MultiTaskExecutor(data_root=str(tmp_path / "nowhere"), trunk=TRUNK)
     missing.handle_event(EventType.START_RUN, fl_ctx)
     assert missing.execute("train", task(global_trunk()), fl_ctx, Signal()).get_return_code() == (
         ReturnCode.EXECUTION_EXCEPTION
@@ -90,7 +93,9 @@ def test_regression_head_stays_home_and_predict_gives_its_values(started, chembl
     from pharmafl.multitask.train import predict_values
 
     _, fl_ctx, run_dir, _ = started
-    executor = MultiTaskExecutor(data_root=str(chembl_small), batch_size=256, regression_weight=1.0)
+    executor = MultiTaskExecutor(
+        data_root=str(chembl_small), training={"batch_size": 256, "regression_weight": 1.0}, trunk=TRUNK
+    )
     executor.handle_event(EventType.START_RUN, fl_ctx)
     weights = global_trunk()
     dxo = from_shareable(executor.execute("train", task(weights), fl_ctx, Signal()))
@@ -117,3 +122,15 @@ def test_regression_head_stays_home_and_predict_gives_its_values(started, chembl
     assert card["regression_tasks"] == trainer.regression_task_ids
     predicted = pd.read_csv(tmp_path / "preds.csv")[card["regression_tasks"]].to_numpy()
     np.testing.assert_allclose(predicted, predict_values(trainer.model, trainer.data.X, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_settings_come_from_their_dataclasses_and_unknown_ones_are_refused(chembl_small):
+    from pharmafl.core.errors import InputError
+    from pharmafl.multitask.train import TrainConfig
+
+    executor = MultiTaskExecutor(data_root=str(chembl_small), training={"dropout": 0.5})
+    assert executor.config == TrainConfig(dropout=0.5)  # every other default is TrainConfig's own
+    with pytest.raises(InputError, match="unknown training setting hidden_sizes; the training settings are"):
+        MultiTaskExecutor(training={"hidden_sizes": [32]})
+    with pytest.raises(InputError, match="unknown trunk setting width"):
+        MultiTaskExecutor(trunk={"width": 32})

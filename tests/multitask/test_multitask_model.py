@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pharmafl.multitask.model import MultiTaskNet, TrunkModel, trunk_geometry
+from pharmafl.multitask.model import MultiTaskNet, TrunkModel
 
 
 def test_parameter_names_and_geometry_round_trip():
@@ -10,8 +10,9 @@ def test_parameter_names_and_geometry_round_trip():
     names = list(net.state_dict())
     assert all(n.startswith(("trunk.", "head.")) for n in names)
     trunk = net.trunk_state()
-    assert set(trunk) == set(TrunkModel(100, [16, 8]).state_dict())  # server and client agree on names
-    assert trunk_geometry(trunk) == (100, [16, 8])
+    server = TrunkModel(100, [16, 8]).state_dict()
+    assert set(trunk) == set(server)  # server and client agree on names and shapes
+    assert all(trunk[name].shape == tuple(server[name].shape) for name in trunk)
 
 
 def test_forward_sparse_input_matches_dense_product():
@@ -28,7 +29,7 @@ def test_forward_sparse_input_matches_dense_product():
 
 
 def test_load_trunk_checks_names_and_shapes():
-    net = MultiTaskNet(n_features=20, n_tasks=2, hidden_sizes=[4])
+    net = MultiTaskNet(n_features=20, n_tasks=2, hidden_sizes=[4], dropout=0.2)
     weights = {k: np.zeros_like(v) for k, v in net.trunk_state().items()}
     net.load_trunk(weights)
     assert float(net.trunk.input.weight.detach().abs().sum()) == 0.0

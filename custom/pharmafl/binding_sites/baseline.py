@@ -15,10 +15,11 @@ from pathlib import Path
 
 from pharmafl.binding_sites.dataset import load_client, load_common_test
 from pharmafl.binding_sites.model import LoRASettings, load_esm_lora
-from pharmafl.binding_sites.train import BindingSiteConfig, BindingSiteTrainer
+from pharmafl.binding_sites.train import SETTINGS, BindingSiteConfig, BindingSiteTrainer
 from pharmafl.core.errors import InputError
 from pharmafl.core.progress import StepReporter
-from pharmafl.jobs import executor_args, job_configs, prepared_sites, settings_from_args
+from pharmafl.core.settings import apply_settings, field_types, settings
+from pharmafl.jobs import executor_args, num_rounds, prepared_sites
 
 MODES = ("centralized", "local")
 
@@ -32,15 +33,16 @@ def run_esm_baseline(
     overrides: dict | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
-    """Train the baseline and write ``out_dir/summary.json``; ``overrides`` replaces executor arguments."""
+    """Train the baseline and write ``out_dir/summary.json``; ``overrides`` changes the job's settings (``--set``:
+    ``training`` and ``lora`` settings, ``model``, ``model_config``; the FLARE-side ones mean nothing here)."""
     if mode not in MODES:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'.")
-    args = {**executor_args(job_dir), **(overrides or {})}
-    rounds = rounds or int(job_configs(job_dir)[0]["num_rounds"])
-    config = settings_from_args(BindingSiteConfig, args)
-    lora = LoRASettings(
-        rank=args.get("lora_rank", 16), alpha=args.get("lora_alpha", 32), dropout=args.get("lora_dropout", 0.05)
-    )
+    groups = {group: field_types(cls) for group, cls in SETTINGS.items()}
+    plain = {"model": str, "model_config": dict | None, "upload": str, "optimizer_state": str}
+    args = apply_settings(executor_args(job_dir), overrides or {}, groups, plain, Path(job_dir).name)
+    rounds = rounds or num_rounds(job_dir)
+    config = settings(BindingSiteConfig, args.get("training"), "training")
+    lora = settings(LoRASettings, args.get("lora"), "lora")
     sites = prepared_sites(data_dir)
     train = {site: load_client(str(Path(data_dir) / site), "train") for site in sites}
     test = {site: load_client(str(Path(data_dir) / site), "test") for site in sites}

@@ -11,7 +11,7 @@ import torch
 from transformers import EsmTokenizer
 
 from pharmafl.binding_sites.formats import Chain
-from pharmafl.binding_sites.model import IGNORE_INDEX, encode_chains, load_lora_state, lora_state
+from pharmafl.binding_sites.model import IGNORE_INDEX, LoRASettings, encode_chains, load_lora_state, lora_state
 from pharmafl.core.errors import InputError
 from pharmafl.core.metrics import token_metrics
 from pharmafl.core.progress import StepCallback
@@ -55,6 +55,10 @@ class BindingSiteConfig:
             raise InputError(f"grad_clip must be 0 (off) or positive, got {self.grad_clip}.")
         if self.grad_noise_std < 0:
             raise InputError(f"grad_noise_std must not be negative, got {self.grad_noise_std}.")
+
+
+#: the setting groups of an ESM-2 LoRA job's executor (``training: {...}``, ``lora: {...}``)
+SETTINGS = {"training": BindingSiteConfig, "lora": LoRASettings}
 
 
 class BindingSiteTrainer:

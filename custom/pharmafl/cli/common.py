@@ -54,7 +54,8 @@ def add_executor_overrides(parser: argparse.ArgumentParser) -> None:
         action="append",
         type=assignment,
         metavar="NAME=VALUE",
-        help="override an executor argument of the job (repeatable), e.g. --set grad_noise_std=1e-4",
+        help="change a setting of the job (repeatable): NAME or GROUP.NAME (groups: training, trunk, lora, "
+        "secure_sum), e.g. --set grad_noise_std=1e-4 --set lora.rank=8; an unknown name is refused",
     )
 
 

@@ -11,18 +11,7 @@ from pharmafl.cli.common import (
     executor_overrides,
 )
 from pharmafl.core.errors import UserError
-from pharmafl.core.paths import job_dir, jobs_dir
-
-
-def job_folder(job: str) -> Path:
-    """A job folder, or the name of a shipped job (``multitask_fedavg``) when no such folder exists."""
-    if Path(job).exists() or "/" in job:
-        return Path(job)
-    shipped = job_dir(job)
-    if not shipped.is_dir():
-        names = ", ".join(sorted(p.name for p in jobs_dir().iterdir() if (p / "meta.json").is_file()))
-        raise UserError(f"'{job}' is neither a job folder nor a shipped job ({names}).")
-    return shipped
+from pharmafl.core.paths import jobs_dir
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -30,7 +19,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     faults = dict(parse_fault(text) for text in (args.drop or []) + (args.tamper or []))
     result = run_simulator(
-        job_folder(args.job),
+        args.job,
         args.data,
         args.workspace,
         args.rounds,
@@ -41,6 +30,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     print(f"simulation finished in {result['wall_s']:.1f} s; results in {result['run_dir']}")
+    return 0
+
+
+def cmd_jobs_export(args: argparse.Namespace) -> int:
+    from pharmafl.jobs.export import export_all
+
+    for path in export_all(args.out):
+        print(f"exported {path}")
+    return 0
+
+
+def cmd_jobs_check(args: argparse.Namespace) -> int:
+    from pharmafl.jobs.export import JOBS, differences
+
+    root = Path(args.jobs) if args.jobs else jobs_dir()
+    stale = {name: differences(name, root / name) for name in JOBS}
+    stale = {name: files for name, files in stale.items() if files}
+    for name, files in stale.items():
+        print(f"{root / name}: differs from its builder in {', '.join(files)}")
+    if stale:
+        raise UserError(
+            f"{len(stale)} job folder(s) under {root} differ from their builders; run `pharmafl jobs export`."
+        )
+    print(f"every job folder under {root} is what its builder exports ({', '.join(JOBS)})")
     return 0
 
 
@@ -84,6 +97,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     simulate.add_argument("--fault-round", type=int, default=0, help="round from which --drop/--tamper apply")
     add_executor_overrides(simulate)
     simulate.set_defaults(func=cmd_simulate)
+
+    jobs = commands.add_parser("jobs", help="the job folders, built with FLARE's Job API").add_subparsers(
+        dest="action", required=True
+    )
+    export = jobs.add_parser("export", help="export every job from its builder (pharmafl/flare/job_builders.py)")
+    export.add_argument("--out", default=None, help="folder to export into (default: the jobs/ folder)")
+    export.set_defaults(func=cmd_jobs_export)
+    check = jobs.add_parser("check", help="fail if a job folder differs from what its builder exports")
+    check.add_argument("--jobs", default=None, help="folder holding the job folders (default: jobs/)")
+    check.set_defaults(func=cmd_jobs_check)
 
     predict = commands.add_parser("predict", help="score new molecules with a partner's final model (trunk + head)")
     predict.add_argument("--model", required=True, help="the site's local_model.pt (or its run folder)")

@@ -10,8 +10,7 @@ from pathlib import Path
 from pharmafl.consortium.approval import add_entries, job_entries
 from pharmafl.consortium.poc import POC_ENV, poc_down, poc_up
 from pharmafl.consortium.submit import submit_job
-from pharmafl.core.paths import job_dir
-from pharmafl.jobs import write_job_copy
+from pharmafl.jobs.export import JobOptions, export_run_job
 
 
 def bench_poc(
@@ -46,7 +45,7 @@ def bench_poc(
         start = time.perf_counter()
         info = poc_up(data_dir=data, port=port)
         up_s = time.perf_counter() - start
-        job = write_job_copy(job_dir("multitask_fedavg"), work / "poc_job", rounds, len(info["sites"]))
+        job = export_run_job("multitask_fedavg", work / "poc_job", JobOptions(rounds, len(info["sites"])))
         kits = Path(info["admin_kits"][next(iter(info["admin_kits"]))]).parent
         for site in info["sites"]:
             add_entries(kits / site / "local" / "approved_jobs.json", job_entries(job))

@@ -16,7 +16,8 @@ from pharmafl.binding_sites.model import (
     load_esm_lora,
     parameter_counts,
 )
-from pharmafl.binding_sites.train import BindingSiteConfig, BindingSiteTrainer
+from pharmafl.binding_sites.train import SETTINGS, BindingSiteConfig, BindingSiteTrainer
+from pharmafl.core.settings import settings
 from pharmafl.flare.site_executor import SiteTrainingExecutor, site_data_dir
 
 UPLOADS = ("factors", "delta")
@@ -31,22 +32,16 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
     streamed_metrics = STREAMED_METRICS
     data_kind = "binding-sites"  # trains on `pharmafl prepare binding-sites` folders
 
+    #: the setting groups of the executor's arguments, each a dataclass holding its defaults
+    SETTINGS = SETTINGS
+
     def __init__(
         self,
         data_root: str = "",
         model: str = "",
         model_config: dict | None = None,
-        lora_rank: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.05,
-        learning_rate: float = 1e-3,
-        batch_size: int = 8,
-        local_steps: int = 20,
-        max_length: int = 1000,
-        grad_clip: float = 1.0,
-        grad_noise_std: float = 0.0,
-        class_weight: str = "balanced",
-        seed: int = 0,
+        training: dict | None = None,
+        lora: dict | None = None,
         upload: str = "factors",
         optimizer_state: str = "keep",
         log_writer_id: str = "log_writer",
@@ -62,9 +57,9 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
             model_config: ``EsmConfig`` keyword arguments for a randomly initialised model instead of pretrained
                 weights (tests, smoke runs). The vocabulary comes from ``model`` if given, else from a
                 ``vocab_file`` key in this dict.
-            lora_rank, lora_alpha, lora_dropout: LoRA settings (same on every site).
-            learning_rate, batch_size, local_steps, max_length, grad_clip, grad_noise_std, class_weight, seed: see
-                ``BindingSiteConfig``. ``seed`` also seeds the LoRA/head initialisation, so it must agree across sites.
+            training: local training settings, the ``BindingSiteConfig`` fields that differ from its defaults.
+                ``seed`` also seeds the LoRA/head initialisation, so it must agree across sites.
+            lora: the ``LoRASettings`` fields that differ from its defaults (same on every site).
             upload: ``factors`` (the ``lora_state``: A/B factors + classifier) or ``delta`` (``<module>.delta`` =
                 B @ A, unscaled, + classifier) for ``fra_lora_from_deltas``.
             optimizer_state: ``keep`` AdamW's moments from round to round, or ``reset`` them whenever a global
@@ -77,20 +72,12 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
             raise ValueError(f"upload must be one of {UPLOADS}, got {upload!r}")
         if optimizer_state not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
+        # the arguments as given (FLARE's Job API exports a component from its attributes), then as settings
+        self.model, self.model_config = model, dict(model_config) if model_config else None
+        self.training, self.lora = training, lora
+        self.config = settings(BindingSiteConfig, training, "training")
+        self.lora_settings = settings(LoRASettings, lora, "lora")
         self.optimizer_state = optimizer_state
-        self.model_name = model
-        self.model_config = dict(model_config) if model_config else None
-        self.lora = LoRASettings(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
-        self.config = BindingSiteConfig(
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            local_steps=local_steps,
-            max_length=max_length,
-            grad_clip=grad_clip,
-            grad_noise_std=grad_noise_std,
-            class_weight=class_weight,
-            seed=seed,
-        )
         self.upload = upload
         self.site_test: list[Chain] = []
         self.common_test: list[Chain] = []
@@ -127,7 +114,7 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
         train = load_client(folder, "train")
         self.site_test = load_client(folder, "test")
         self.common_test = load_common_test(os.path.dirname(os.path.normpath(folder)))
-        model, tokenizer = load_esm_lora(self.model_name, self.model_config, self.lora, self.config.seed)
+        model, tokenizer = load_esm_lora(self.model, self.model_config, self.lora_settings, self.config.seed)
         self.trainer = BindingSiteTrainer(model, tokenizer, train, self.config)
         trainable, total = parameter_counts(model)
         self.log_info(

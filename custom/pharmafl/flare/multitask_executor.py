@@ -11,12 +11,12 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.core.errors import InputError
+from pharmafl.core.settings import settings
 from pharmafl.flare.site_executor import SiteTrainingExecutor, site_data_dir
 from pharmafl.multitask.dataset import load_site
-from pharmafl.multitask.model import trunk_geometry
+from pharmafl.multitask.model import TrunkConfig
 from pharmafl.multitask.predict import MODEL_CARD, model_card
-from pharmafl.multitask.train import MultiTaskTrainer, TrainConfig
+from pharmafl.multitask.train import SETTINGS, MultiTaskTrainer, TrainConfig
 
 HEAD_FILE = "head.pt"
 FINAL_MODEL_FILE = "local_model.pt"
@@ -27,17 +27,14 @@ class MultiTaskExecutor(SiteTrainingExecutor):
     streamed_metrics = ("auc_roc", "auc_pr")
     data_kind = "chem"  # trains on `pharmafl prepare chem` folders (checked before the simulator starts)
 
+    #: the setting groups of the executor's arguments, each a dataclass holding its defaults
+    SETTINGS = SETTINGS
+
     def __init__(
         self,
         data_root: str = "",
-        dropout: float = 0.2,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        batch_size: int = 128,
-        local_epochs: int = 1,
-        validation_fold: int = 1,
-        seed: int = 0,
-        regression_weight: float = 0.0,
+        training: dict | None = None,
+        trunk: dict | None = None,
         upload: str = "trunk",
         log_writer_id: str = "log_writer",
         train_task_name: str = AppConstants.TASK_TRAIN,
@@ -45,16 +42,14 @@ class MultiTaskExecutor(SiteTrainingExecutor):
     ):
         """Train the shared trunk with this site's private head.
 
-        The hidden layer sizes come from the global trunk the server sends, so the server's
-        persistor is the one place they are configured.
-
         Args:
             data_root: folder holding one prepared folder per site (``pharmafl prepare chem``);
                 empty means the ``PHARMAFL_DATA`` environment variable. ``$VARS`` and ``~`` expand.
-            dropout, learning_rate, weight_decay, batch_size, local_epochs, validation_fold, seed,
-                regression_weight: local training hyperparameters (see ``TrainConfig``); a positive
-                ``regression_weight`` trains the site's private regression head next to its
-                classification head.
+            training: local training settings, the ``TrainConfig`` fields that differ from its defaults
+                (e.g. ``{"dropout": 0.5}``); a positive ``regression_weight`` trains the site's private
+                regression head next to its classification head.
+            trunk: the ``TrunkConfig`` the server's model was built with (its job builder passes the same one to
+                both); the global trunk a site receives must have this geometry.
             upload: ``trunk`` (default: only ``trunk.*`` leaves the executor) or ``all`` (trunk and
                 head; for testing that a site's privacy filter removes the head).
             log_writer_id: id of a FLARE ``TBWriter`` component; metrics stream to the server's
@@ -63,23 +58,17 @@ class MultiTaskExecutor(SiteTrainingExecutor):
         super().__init__(data_root, log_writer_id, train_task_name, validate_task_name)
         if upload not in ("trunk", "all"):
             raise ValueError(f"upload must be 'trunk' or 'all', got {upload!r}")
-        self.config = TrainConfig(
-            dropout=dropout,
-            learning_rate=learning_rate,
-            weight_decay=weight_decay,
-            batch_size=batch_size,
-            local_epochs=local_epochs,
-            validation_fold=validation_fold,
-            seed=seed,
-            regression_weight=regression_weight,
-        )
+        # the arguments as given (FLARE's Job API exports a component from its attributes), then as settings
+        self.training, self.trunk = training, trunk
+        self.config = settings(TrainConfig, training, "training")
+        self.trunk_config = settings(TrunkConfig, trunk, "trunk")
         self.upload = upload
         self.global_trunk: dict = {}
 
     def prepare(self, global_weights: dict, fl_ctx: FLContext) -> MultiTaskTrainer:
         if not global_weights:
             raise ValueError("the server sent no global trunk")
-        trainer = self.trainer or self._new_trainer(global_weights, fl_ctx)
+        trainer = self.trainer or self._new_trainer(fl_ctx)
         trainer.load_trunk(global_weights)
         self.global_trunk = global_weights
         return trainer
@@ -111,21 +100,16 @@ class MultiTaskExecutor(SiteTrainingExecutor):
             json.dump(card, f, indent=2)
         self.log_info(fl_ctx, f"saved this site's final model (trunk + private head) to {path}, for `pharmafl predict`")
 
-    def _new_trainer(self, global_trunk: dict, fl_ctx: FLContext) -> MultiTaskTrainer:
+    def _new_trainer(self, fl_ctx: FLContext) -> MultiTaskTrainer:
         site = fl_ctx.get_identity_name()
         data = load_site(site_data_dir(self.data_root, site))
-        n_features, hidden_sizes = trunk_geometry(global_trunk)
-        if n_features != data.n_features:
-            raise InputError(
-                f"the global trunk expects {n_features} fingerprint bits but {site}'s data has "
-                f"{data.n_features}; prepare the data with --bits {n_features} or change the job"
-            )
-        self.trainer = MultiTaskTrainer(data, self.config, hidden_sizes)
+        self.trainer = MultiTaskTrainer(data, self.config, self.trunk_config)
         head_path = os.path.join(self.run_dir, HEAD_FILE)
         if os.path.exists(head_path):  # resume: the site's head survives a restart of the run
             self.trainer.load_head(torch.load(head_path))
         self.log_info(
             fl_ctx,
-            f"{site}: {data.X.shape[0]} compounds, {data.n_tasks} tasks, trunk {n_features}->{hidden_sizes}",
+            f"{site}: {data.X.shape[0]} compounds, {data.n_tasks} tasks, "
+            f"trunk {self.trunk_config.n_features}->{list(self.trunk_config.hidden_sizes)}",
         )
         return self.trainer

@@ -127,6 +127,9 @@ class SecureSumWorkflow(Controller):
         # the shared settings are checked now (overflow for one site, blind with FRA-LoRA), again at key setup
         self.settings = dict(settings, aggregation=aggregation, require_signed=bool(require_signed))
         SecureSumConfig(threshold=max(threshold, 1), **self.settings).fixed_point(1)
+        # the arguments as given, which FLARE's Job API exports a component from
+        self.secure_sum, self.aggregation, self.require_signed = dict(secure_sum or {}), aggregation, require_signed
+        self.wait_time_after_min_received, self.task_check_period = wait_time_after_min_received, task_check_period
         self.threshold = threshold
         self.num_rounds = num_rounds
         self.min_clients = min_clients
@@ -134,7 +137,7 @@ class SecureSumWorkflow(Controller):
         self.train_timeout, self.task_timeout = train_timeout, task_timeout
         self.train_task_name = train_task_name
         self.persistor_id, self.shareable_generator_id = persistor_id, shareable_generator_id
-        self.fra_lora = fra
+        self.fra_lora, self.fra_settings = fra_lora, fra
         self.weigh_by_local_steps = weigh_by_local_steps
         self.output_data_kind = DataKind.WEIGHTS if aggregation == "fra-lora" else output_data_kind
         self.root_ca_path = root_ca_path
@@ -342,9 +345,9 @@ class SecureSumWorkflow(Controller):
                 fra = fra_lora_from_deltas(
                     [mean],
                     [1.0],
-                    self.fra_lora["rank"],
+                    self.fra_settings["rank"],
                     residual=self.residual,
-                    residual_policy=self.fra_lora["residual_policy"],
+                    residual_policy=self.fra_settings["residual_policy"],
                 )
                 self.residual, mean = fra.residual, fra.factors
             meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: result.total_weight}

@@ -78,7 +78,8 @@ class TrunkOnlyFilter(DXOFilter):
         if not all(isinstance(name, str) and name for name in names):
             raise ValueError("metric_names must be a list of non-empty strings")
         self.allowed_prefix = allowed_prefix
-        self.metric_names = tuple(names)
+        self.metric_names = metric_names  # as given: FLARE's Job API exports a component from its attributes
+        self.allowed_metrics = tuple(names)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO | None:
         if dxo.data_kind == DataKind.METRICS:
@@ -95,7 +96,7 @@ class TrunkOnlyFilter(DXOFilter):
         return dxo
 
     def _filter_metrics(self, dxo: DXO, fl_ctx: FLContext) -> DXO | None:
-        kept, removed = split_metrics(dxo.data, self.metric_names)
+        kept, removed = split_metrics(dxo.data, self.allowed_metrics)
         if not removed:
             return None
         path = self._save_site_metrics(dxo.data, fl_ctx)

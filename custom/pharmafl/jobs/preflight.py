@@ -14,7 +14,9 @@ from pathlib import Path
 
 from pharmafl.binding_sites.dataset import COMMON_TEST
 from pharmafl.core.errors import UserError
+from pharmafl.core.settings import settings
 from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, component_class, find_component, read_json, secure_threshold
+from pharmafl.multitask.model import TrunkConfig
 
 CHEM, BINDING_SITES = "chem", "binding-sites"
 PREPARE_COMMAND = {CHEM: "pharmafl prepare chem", BINDING_SITES: "pharmafl prepare binding-sites"}
@@ -67,7 +69,7 @@ def check_job_data(job_dir: str | Path, data_dir: str | Path, sites: list[str]) 
     if threshold is not None and threshold > len(sites):
         raise UserError(f"the job's secure sum needs {threshold} sites, the data has {len(sites)}: {sites}.")
     if kind == CHEM:
-        _check_trunk_width(server, manifests, data_dir)
+        _check_trunk_width(executor.get("args", {}), manifests, data_dir)
     elif kind == BINDING_SITES:
         if not (Path(data_dir) / COMMON_TEST / "test.jsonl").is_file():
             raise UserError(
@@ -79,19 +81,16 @@ def check_job_data(job_dir: str | Path, data_dir: str | Path, sites: list[str]) 
     return kind
 
 
-def _check_trunk_width(server: dict, manifests: dict[str, dict], data_dir: str | Path) -> None:
+def _check_trunk_width(executor_args: dict, manifests: dict[str, dict], data_dir: str | Path) -> None:
     widths = {site: m["n_bits"] for site, m in manifests.items()}
     if len(set(widths.values())) > 1:
         raise UserError(f"the sites of '{data_dir}' have different fingerprint lengths: {widths}.")
     bits = next(iter(widths.values()))
-    try:
-        n_features = find_component(server, "persistor")["args"]["model"]["args"]["n_features"]
-    except (UserError, KeyError, TypeError):
-        return  # a job without a configured trunk width: the sites check it when the model arrives
+    n_features = settings(TrunkConfig, executor_args.get("trunk"), "trunk").n_features
     if n_features != bits:
         raise UserError(
             f"the job's trunk takes {n_features} fingerprint bits but '{data_dir}' was prepared with {bits}: "
-            f"prepare it with --bits {n_features}, or use a job whose trunk has n_features {bits}."
+            f"prepare it with --bits {n_features}, or run the job with --set trunk.n_features={bits}."
         )
 
 

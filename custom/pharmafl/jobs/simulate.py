@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import re
 import shutil
@@ -16,18 +16,12 @@ from pharmafl.core.errors import UserError
 from pharmafl.core.outputs import SIMULATE, check_output, write_marker
 from pharmafl.core.paths import DATA_ENV, repo_root
 from pharmafl.core.progress import PROGRESS_TAG, TASK_FAILED
-from pharmafl.jobs import (
-    CLIENT_CONFIG,
-    check_component_arguments,
-    find_component,
-    prepared_sites,
-    read_json,
-    site_local_dir,
-    write_job_copy,
-)
+from pharmafl.jobs import prepared_sites, site_local_dir
+from pharmafl.jobs.export import JOBS, JobOptions, export_run_job, job_name
 from pharmafl.jobs.preflight import check_job_data
 from pharmafl.secure_sum.config import POLICY_FILE, SitePolicy
 from pharmafl.testing import FAULT_PHASES
+from pharmafl.testing.secure_sum import FaultySecureSumSite
 
 # Lines of the simulator's output worth showing live; everything goes to <workspace>/simulate.log.
 PROGRESS = re.compile(
@@ -44,7 +38,6 @@ SITE_ERROR = re.compile(
     rf"{TASK_FAILED}"
 )
 MARKER = "local/.pharmafl.json"  # inside local/, the one folder the simulator keeps when it empties its workspace
-FAULTY_SITE = "pharmafl.testing.secure_sum.FaultySecureSumSite"
 
 
 def server_run_dir(workspace: str | Path) -> Path:
@@ -62,30 +55,39 @@ def run_simulator(
     faults: dict[str, str] | None = None,
     fault_round: int = 0,
     overwrite: bool = False,
+    job_options: JobOptions | None = None,
 ) -> dict:
-    """Simulate ``job_dir`` with one client per site folder of ``data_dir``; returns run facts.
+    """Simulate a job (its name or exported folder) with one client per site folder of ``data_dir``.
 
-    Everything is checked before the workspace is touched: the job, the overrides (typed, then the executor built
-    once), the data against the job (``preflight``), and the workspace itself: a new or empty folder, or (with
-    ``overwrite``) an earlier simulator workspace, never one that holds the data or the job.
+    The run's copy of the job is built by the job's builder with the run's rounds, sites and ``executor_overrides``
+    (``--set``). Everything is checked before the workspace is touched: the job, the overrides (typed, then the
+    components built), the data against the job (``preflight``), and the workspace itself: a new or empty folder,
+    or (with ``overwrite``) an earlier simulator workspace, never one that holds the data or the job.
 
     ``faults`` (secure-sum jobs only, for tests and demos) maps a site to ``after-setup``, ``after-upload``,
     ``tampered`` or ``mis-sized`` (optionally ``@ROUND``): that site misbehaves so from round ``fault_round``
     (or ROUND) on.
+    ``job_options`` passes the rest of a ``JobOptions`` to the builder (an initial model; tests: recorders).
     Raises UserError with the log location when the run fails or a site's task failed.
     """
     if threads is not None and threads <= 0:
         raise UserError(f"--threads must be positive, got {threads}")
+    if rounds is not None and rounds <= 0:
+        raise UserError(f"--rounds must be positive, got {rounds}")
     sites = prepared_sites(data_dir)
     # The simulator empties its workspace (all but local/): the adapted job and the log live outside.
     scratch = Path(tempfile.mkdtemp(prefix="pharmafl-sim-"))
     try:
-        job = write_job_copy(job_dir, scratch, rounds, len(sites), executor_overrides)
-        executor = find_component(read_json(job / CLIENT_CONFIG), "executor")
-        check_component_arguments(executor["path"], executor.get("args", {}))
+        base = job_options or JobOptions()
+        options = dataclasses.replace(
+            base,
+            num_rounds=base.num_rounds if rounds is None else rounds,
+            sites=len(sites),
+            settings={**base.settings, **(executor_overrides or {})},
+            site_component=_faulty_site(job_dir, sites, faults, fault_round, base) if faults else base.site_component,
+        )
+        job = export_run_job(job_dir, scratch, options)
         check_job_data(job, data_dir, sites)
-        if faults:
-            _inject_faults(job, sites, faults, fault_round)
         replace = check_output(
             workspace, (SIMULATE,), overwrite, "--workspace", reads=[data_dir, job_dir, repo_root()], marker=MARKER
         )
@@ -193,16 +195,13 @@ def parse_fault(text: str) -> tuple[str, str]:
     return site, spec
 
 
-def _inject_faults(job: Path, sites: list[str], faults: dict[str, str], fault_round: int) -> None:
-    """Swap the job copy's ``secure_sum`` component for the test-only ``FaultySecureSumSite`` with ``faults``."""
+def _faulty_site(job: str | Path, sites: list[str], faults: dict[str, str], fault_round: int, base=None):
+    """The test-only ``FaultySecureSumSite`` with ``faults``, in place of a secure-sum job's site component
+    (recording the plaintext uploads when ``base``'s site component did)."""
     unknown = sorted(set(faults) - set(sites))
     if unknown:
         raise UserError(f"cannot inject faults into {unknown}: the sites are {sites}")
-    client = read_json(job / CLIENT_CONFIG)
-    try:
-        component = find_component(client, "secure_sum")
-    except UserError as err:
-        raise UserError(f"--drop/--tamper need a secure-sum job (with a 'secure_sum' component): {err}") from err
-    component["path"] = FAULTY_SITE
-    component.setdefault("args", {}).update(faults=dict(faults), fault_round=fault_round)
-    (job / CLIENT_CONFIG).write_text(json.dumps(client, indent=2) + "\n")
+    if JOBS[job_name(job)].secure_sum is None:
+        raise UserError(f"--drop/--tamper need a secure-sum job; {Path(job).name} has no secure sum.")
+    record = bool(getattr(base and base.site_component, "record_updates", False))
+    return FaultySecureSumSite(faults=dict(faults), fault_round=fault_round, record_updates=record)

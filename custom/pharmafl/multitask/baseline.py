@@ -5,32 +5,36 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from pharmafl.core.progress import StepReporter
-from pharmafl.jobs import executor_args, job_configs, prepared_sites, settings_from_args, trunk_model_args
+from pharmafl.core.settings import apply_settings, field_types, settings
+from pharmafl.jobs import executor_args, num_rounds, prepared_sites
 from pharmafl.multitask.dataset import load_site
-from pharmafl.multitask.train import MultiTaskTrainer, TrainConfig
+from pharmafl.multitask.model import TrunkConfig
+from pharmafl.multitask.train import SETTINGS, MultiTaskTrainer, TrainConfig
 
 
-def job_train_config(job_dir: str | Path) -> tuple[TrainConfig, list[int], int]:
-    """(TrainConfig, hidden sizes, rounds) exactly as the federated job would use them."""
-    args = executor_args(job_dir)
-    config = settings_from_args(TrainConfig, args)
-    hidden_sizes = list(trunk_model_args(job_dir)["hidden_sizes"])
-    return config, hidden_sizes, int(job_configs(job_dir)[0]["num_rounds"])
+def job_train_config(job_dir: str | Path, overrides: dict | None = None) -> tuple[TrainConfig, TrunkConfig, int]:
+    """(TrainConfig, TrunkConfig, rounds) exactly as the federated job uses them, with ``overrides`` (``NAME`` or
+    ``GROUP.NAME`` of the ``training`` and ``trunk`` settings, as ``--set``) applied."""
+    groups = {group: field_types(cls) for group, cls in SETTINGS.items()}
+    args = apply_settings(executor_args(job_dir), overrides or {}, groups, {}, Path(job_dir).name)
+    config = settings(TrainConfig, args.get("training"), "training")
+    return config, settings(TrunkConfig, args.get("trunk"), "trunk"), num_rounds(job_dir)
 
 
 def train_site_alone(
     data_path: str | Path,
     config: TrainConfig,
-    hidden_sizes: list[int],
+    trunk: TrunkConfig,
     rounds: int,
     progress: Callable[[str], None] = print,
 ) -> dict:
     """``rounds`` x ``local_epochs`` epochs of local training, scored per round like the federated run."""
     data = load_site(str(data_path))
-    trainer = MultiTaskTrainer(data, config, hidden_sizes)
+    trainer = MultiTaskTrainer(data, config, trunk)
     curve = []
     for round_number in range(rounds):
         # Scored before each round's training, as the executor scores the global model it receives.
@@ -55,22 +59,19 @@ def run_single_partner(
     progress: Callable[[str], None] = print,
     overrides: dict | None = None,
 ) -> dict:
-    """Train every site alone. ``overrides`` replaces job hyperparameters (TrainConfig fields or
-    ``hidden_sizes``), for a baseline tuned on the validation fold in its own right."""
-    config, hidden_sizes, job_rounds = job_train_config(job_dir)
-    overrides = dict(overrides or {})
-    hidden_sizes = list(overrides.pop("hidden_sizes", hidden_sizes))
-    config = TrainConfig(**{**config.__dict__, **overrides})
+    """Train every site alone. ``overrides`` changes the job's ``training`` and ``trunk`` settings (``--set``
+    names), for a baseline tuned on the validation fold in its own right."""
+    config, trunk, job_rounds = job_train_config(job_dir, overrides)
     rounds = rounds or job_rounds
     start = time.perf_counter()
     sites = {
-        site: train_site_alone(Path(data_dir) / site, config, hidden_sizes, rounds, progress)
+        site: train_site_alone(Path(data_dir) / site, config, trunk, rounds, progress)
         for site in prepared_sites(data_dir)
     }
     summary = {
         "job": str(job_dir),
         "rounds": rounds,
-        "config": {**config.__dict__, "hidden_sizes": hidden_sizes},
+        "config": {**asdict(config), "hidden_sizes": list(trunk.hidden_sizes)},
         "wall_s": time.perf_counter() - start,
         "sites": sites,
     }

@@ -63,12 +63,12 @@ def bench_trunk(data_dir: str | None, rounds: int = 3, workdir: str = "runs/benc
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else default_bench_data(work)
-    config, hidden_sizes, _ = job_train_config(DEFAULT_JOB)
+    config, trunk, _ = job_train_config(DEFAULT_JOB)
     sites = prepared_sites(data)
 
     compounds, seconds = 0, 0.0
     for site in sites:
-        trainer = MultiTaskTrainer(load_site(str(data / site)), config, hidden_sizes)
+        trainer = MultiTaskTrainer(load_site(str(data / site)), config, trunk)
         trainer.train(epochs=1)  # warm-up: allocator and Adam state
         start = time.perf_counter()
         trainer.train(epochs=1)
@@ -78,7 +78,7 @@ def bench_trunk(data_dir: str | None, rounds: int = 3, workdir: str = "runs/benc
     # The same work as the federated run (per-round scoring, rounds x local epochs), without FLARE.
     start = time.perf_counter()
     for site in sites:
-        train_site_alone(data / site, config, hidden_sizes, rounds, progress=lambda _: None)
+        train_site_alone(data / site, config, trunk, rounds, progress=lambda _: None)
     local_s = time.perf_counter() - start
     # As `pharmafl simulate` runs it: all clients in parallel. (With fewer threads than clients FLARE's
     # simulator starts a new client process for every task, which measures process start-up, not FLARE.)
@@ -96,7 +96,7 @@ def bench_trunk(data_dir: str | None, rounds: int = 3, workdir: str = "runs/benc
         "rounds": rounds,
         "sites": len(sites),
         "train_compounds": compounds,
-        "hidden_sizes": hidden_sizes,
+        "hidden_sizes": list(trunk.hidden_sizes),
         "batch_size": config.batch_size,
         "machine": describe_machine(),
     }

@@ -7,7 +7,6 @@ over its tasks on the seed-averaged per-task AUC-PR, as MELLODDY compared multi-
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Callable
@@ -18,9 +17,10 @@ import numpy as np
 from pharmafl.core.errors import InputError
 from pharmafl.core.outputs import check_output, staged_output
 from pharmafl.core.report import site_metrics
-from pharmafl.jobs import SERVER_CONFIG, find_component, prepared_sites, read_json, write_job_copy
+from pharmafl.jobs import num_rounds, prepared_sites
+from pharmafl.jobs.export import JobOptions, export_run_job
 from pharmafl.jobs.simulate import run_simulator
-from pharmafl.multitask.baseline import run_single_partner
+from pharmafl.multitask.baseline import job_train_config, run_single_partner
 from pharmafl.multitask.report import (
     build_summary,
     improved_cell,
@@ -28,21 +28,9 @@ from pharmafl.multitask.report import (
     per_task_comparison,
     regression_comparison,
 )
-from pharmafl.multitask.train import TrainConfig
 
 EXPERIMENT = "experiment chem"
 CONFORMAL_LEVELS = ("0.8", "0.9")
-
-
-def seeded_job(
-    job_dir: str | Path, out_dir: Path, seed: int, rounds: int | None, sites: int, overrides: dict | None = None
-) -> Path:
-    """A copy of the job whose initial trunk and site training use ``seed`` (and executor ``overrides``)."""
-    job = write_job_copy(job_dir, out_dir, rounds, sites, {**(overrides or {}), "seed": seed})
-    server = read_json(job / SERVER_CONFIG)
-    find_component(server, "persistor")["args"]["model"]["args"]["seed"] = seed
-    (job / SERVER_CONFIG).write_text(json.dumps(server, indent=2) + "\n")
-    return job
 
 
 def run_chem_experiment(
@@ -63,24 +51,25 @@ def run_chem_experiment(
     ``baseline_overrides``: training settings of the single-partner side only (its own validation-fold winner)."""
     if seeds < 1:
         raise InputError(f"--seeds must be at least 1, got {seeds}")
-    settings = {field.name for field in dataclasses.fields(TrainConfig)} - {"seed"}
-    unknown = sorted(set(baseline_overrides or {}) - settings)
-    if unknown:
-        raise InputError(
-            f"--baseline-set: unknown setting {unknown[0]!r}; the settings are {', '.join(sorted(settings))}"
-        )
+    if any(name.rpartition(".")[2] == "seed" for name in baseline_overrides or {}):
+        raise InputError("--baseline-set cannot set the seed: each seed of the experiment sets it on both sides.")
+    try:  # an unknown or mistyped setting stops here, before any run
+        job_train_config(job_dir, baseline_overrides)
+    except InputError as err:
+        raise InputError(f"--baseline-set: {err}") from None
     sites = prepared_sites(data_dir)
     check_output(out_dir, (EXPERIMENT,), overwrite, "--out", reads=[data_dir, job_dir])
     with staged_output(out_dir, EXPERIMENT) as out:
         per_seed = []
         for seed in range(seeds):
             folder = out / f"seed-{seed}"
-            job = seeded_job(job_dir, folder, seed, rounds, len(sites), overrides)
+            # the seed fixes the server's initial trunk and every site's training (the job builder passes it to both)
+            seeded = {**(overrides or {}), "training.seed": seed}
+            job = export_run_job(job_dir, folder, JobOptions(rounds, len(sites), seeded))  # the baseline reads it
             progress(f"seed {seed}: federated run")
-            workspace = folder / "federated"
-            run_simulator(job, data_dir, workspace, quiet=True)
+            run_simulator(job_dir, data_dir, folder / "federated", rounds, executor_overrides=seeded, quiet=True)
             progress(f"seed {seed}: single-partner baseline")
-            job_rounds = read_json(job / SERVER_CONFIG)["num_rounds"]
+            job_rounds = num_rounds(job)
             run_single_partner(
                 data_dir,
                 folder / "single_partner",

@@ -7,21 +7,40 @@ its partner).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from pharmafl.core.errors import InputError
+
 TRUNK_PREFIX = "trunk."
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    """The shared trunk's geometry, which the server's model and every site's model must agree on.
+
+    ``n_features`` is the fingerprint width (``pharmafl prepare chem --bits``); ``hidden_sizes`` the trunk's
+    layers, the first one the sparse input layer.
+    """
+
+    n_features: int = 32000
+    hidden_sizes: tuple[int, ...] = (400,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_sizes", tuple(int(h) for h in self.hidden_sizes))
+        if self.n_features <= 0 or not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+            raise InputError(f"invalid trunk geometry: n_features={self.n_features}, hidden_sizes={self.hidden_sizes}")
 
 
 class Trunk(nn.Module):
     """Sparse input layer (n_features -> hidden) + ReLU + dropout, then optional dense layers."""
 
-    def __init__(self, n_features: int = 32000, hidden_sizes: Sequence[int] = (400,), dropout: float = 0.2):
+    def __init__(self, n_features: int, hidden_sizes: Sequence[int], dropout: float):
         super().__init__()
-        if n_features <= 0 or not hidden_sizes or any(h <= 0 for h in hidden_sizes):
-            raise ValueError(f"invalid trunk geometry: n_features={n_features}, hidden_sizes={hidden_sizes}")
+        TrunkConfig(n_features, tuple(hidden_sizes))  # checks the geometry
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         # EmbeddingBag(mode="sum") over the on-bit indices is a sparse-times-dense product without
@@ -45,16 +64,17 @@ class Trunk(nn.Module):
 class TrunkModel(nn.Module):
     """The shared part alone, with the same parameter names as in ``MultiTaskNet``: what the server holds."""
 
-    def __init__(
-        self, n_features: int = 32000, hidden_sizes: Sequence[int] = (400,), dropout: float = 0.2, seed: int | None = 0
-    ):
-        """``seed`` fixes the initial trunk (None: torch's global generator), so that a job's run repeats exactly:
-        the server builds this model once per run, and an unseeded start made two runs of a job differ."""
+    def __init__(self, n_features: int, hidden_sizes: Sequence[int], seed: int | None = 0):
+        """A ``TrunkConfig``'s trunk (the job passes its fields). ``seed`` fixes the initial trunk (None: torch's
+        global generator), so that a job's run repeats exactly: the server builds this model once per run, and an
+        unseeded start made two runs of a job differ. Dropout has no weights: the server's trunk has none."""
         super().__init__()
+        # kept as given: FLARE's Job API exports a component's constructor arguments from its attributes
+        self.n_features, self.hidden_sizes, self.seed = n_features, list(hidden_sizes), seed
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.trunk = Trunk(n_features, hidden_sizes, dropout)
+            self.trunk = Trunk(n_features, hidden_sizes, 0.0)
 
 
 class RegressionHead(nn.Module):
@@ -84,8 +104,8 @@ class MultiTaskNet(nn.Module):
         self,
         n_features: int,
         n_tasks: int,
-        hidden_sizes: Sequence[int] = (400,),
-        dropout: float = 0.2,
+        hidden_sizes: Sequence[int],
+        dropout: float,
         n_regression_tasks: int = 0,
     ):
         super().__init__()
@@ -119,17 +139,3 @@ class MultiTaskNet(nn.Module):
                         f"model expects {tuple(own[name].shape)}"
                     )
                 own[name].copy_(torch.as_tensor(np.asarray(value), dtype=own[name].dtype))
-
-
-def trunk_geometry(weights: Mapping[str, np.ndarray]) -> tuple[int, list[int]]:
-    """(n_features, hidden_sizes) of a trunk state dict, so a client builds the model the server holds."""
-    try:
-        n_features, first = np.shape(weights["trunk.input.weight"])
-    except KeyError as err:
-        raise ValueError("trunk weights lack 'trunk.input.weight'") from err
-    hidden = [int(first)]
-    index = 2  # layers: ReLU, Dropout, Linear, ReLU, Dropout, Linear, ...
-    while f"trunk.layers.{index}.weight" in weights:
-        hidden.append(int(np.shape(weights[f"trunk.layers.{index}.weight"])[0]))
-        index += 3
-    return int(n_features), hidden

@@ -7,25 +7,25 @@ benchmarks, so the federated and single-partner numbers come from identical trai
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import sparse
 
+from pharmafl.core.errors import InputError
 from pharmafl.core.metrics import per_task_auc, regression_metrics, summarize
 from pharmafl.core.progress import StepCallback
 from pharmafl.multitask.conformal import conformal_summary
 from pharmafl.multitask.dataset import CENSOR_ABOVE, CENSOR_BELOW, CENSOR_EXACT, SiteData
-from pharmafl.multitask.model import MultiTaskNet
+from pharmafl.multitask.model import MultiTaskNet, TrunkConfig
 
 
 @dataclass
 class TrainConfig:
-    """Local training hyperparameters (job arguments of the executor, flags of the baseline)."""
+    """Local training hyperparameters: the executor's ``training`` argument, the baseline's settings."""
 
-    hidden_sizes: Sequence[int] = (400,)
     dropout: float = 0.2
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -44,6 +44,10 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not (math.isfinite(self.regression_weight) and self.regression_weight >= 0):
             raise ValueError(f"regression_weight must be a finite number >= 0, got {self.regression_weight}")
+
+
+#: the setting groups of a multi-task job's executor (``training: {...}``, ``trunk: {...}``)
+SETTINGS = {"training": TrainConfig, "trunk": TrunkConfig}
 
 
 def sparse_batch(X: sparse.csr_matrix, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +112,12 @@ def make_optimizer(model: MultiTaskNet, config: TrainConfig) -> _Optimizers:
 class MultiTaskTrainer:
     """Holds one partner's model and optimizer; trains epochs and evaluates folds."""
 
-    def __init__(self, data: SiteData, config: TrainConfig, hidden_sizes: Sequence[int] | None = None):
+    def __init__(self, data: SiteData, config: TrainConfig, trunk: TrunkConfig):
+        if trunk.n_features != data.n_features:
+            raise InputError(
+                f"the trunk expects {trunk.n_features} fingerprint bits but the data at {data.path} has "
+                f"{data.n_features}; prepare the data with --bits {trunk.n_features} or change the job's trunk"
+            )
         self.data = data
         self.config = config
         test_fold = int(data.manifest.get("test_fold", 0))
@@ -127,7 +136,7 @@ class MultiTaskTrainer:
         self.model = MultiTaskNet(
             data.n_features,
             data.n_tasks,
-            hidden_sizes or config.hidden_sizes,
+            trunk.hidden_sizes,
             config.dropout,
             self.regression.n_tasks if self.regression else 0,
         )

@@ -45,7 +45,8 @@ def parse_faults(faults: dict | None, fault_round: int = 0) -> dict[str, tuple[s
 
 
 class FaultySecureSumSite(SecureSumSite):
-    def __init__(self, faults: dict | None = None, fault_round: int = 0, record_updates: bool = False, **kwargs):
+    # *args with **kwargs: FLARE's Job API exports a subclass's base-class arguments only for such a constructor
+    def __init__(self, faults: dict | None = None, fault_round: int = 0, record_updates: bool = False, *args, **kwargs):
         """A ``SecureSumSite`` that drops out or sends broken uploads on purpose (see the module docstring).
 
         Args:
@@ -54,12 +55,14 @@ class FaultySecureSumSite(SecureSumSite):
             record_updates: keep each uploaded update in plaintext in ``<run_dir>/secure_sum_plain/``.
             **kwargs: as ``SecureSumSite``.
         """
-        super().__init__(**kwargs)
-        self.faults = parse_faults(faults, fault_round)
+        super().__init__(*args, **kwargs)
+        # the arguments as given (FLARE's Job API exports a component from its attributes), then parsed
+        self.faults, self.fault_round = faults, fault_round
+        self.fault_plan = parse_faults(faults, fault_round)
         self.record_updates = record_updates
 
     def fault(self) -> str | None:
-        phase, start = self.faults.get(self.site, (None, 0))
+        phase, start = self.fault_plan.get(self.site, (None, 0))
         if phase is None or self.round is None or self.round < start:
             return None
         return phase
@@ -68,7 +71,7 @@ class FaultySecureSumSite(SecureSumSite):
         phase = self.fault()
         if phase == "after-setup":
             return True
-        return phase == "after-upload" and (after_upload or self.round > self.faults[self.site][1])
+        return phase == "after-upload" and (after_upload or self.round > self.fault_plan[self.site][1])
 
     def masked_upload(self, update: dict, weight: float, fl_ctx: FLContext):
         if self.gone():
@@ -126,7 +129,7 @@ class RecordingSecureSumWorkflow(SecureSumWorkflow):
 
 
 class InconsistentUWorkflow(RecordingSecureSumWorkflow):
-    def __init__(self, target: str = "site-1", attacked_round: int = 0, **kwargs):
+    def __init__(self, target: str = "site-1", attacked_round: int = 0, *args, **kwargs):  # *args: see above
         """An actively malicious server: in ``attacked_round`` each site sees its own U of size t built around
         ``target`` ({target, the site, its next peer}); all signatures are forwarded to everyone and each site is
         asked for target's self-seed share (target in its U) and the mask-key shares of everyone outside its U.
@@ -136,7 +139,7 @@ class InconsistentUWorkflow(RecordingSecureSumWorkflow):
             attacked_round: the round attacked; the other rounds run honestly.
             **kwargs: as ``SecureSumWorkflow``.
         """
-        super().__init__(**kwargs)
+        super().__init__(*args, **kwargs)
         self.target, self.attacked_round = target, attacked_round
         self.revealed: dict[str, dict] = {}
 
