@@ -88,3 +88,25 @@ def esm_vocab_file(tmp_path_factory) -> Path:
 def tiny_esm_config(esm_vocab_file) -> dict:
     """``EsmConfig`` kwargs of a 2-layer, hidden-16 random ESM-2, plus ``vocab_file`` (the executor's model_config)."""
     return {**TINY_ESM, "vocab_file": str(esm_vocab_file)}
+
+
+# clinical fixtures
+EICU_DIR = REPO_ROOT.parent / "shared" / "data" / "eicu"
+
+
+@pytest.fixture(scope="session")
+def eicu_dir() -> Path:
+    """The eICU-CRD demo tables (2,520 ICU stays, 186 hospitals), read in place."""
+    if not (EICU_DIR / "patient.csv.gz").is_file():
+        pytest.skip(f"the eICU-CRD demo not found at {EICU_DIR}")
+    return EICU_DIR
+
+
+@pytest.fixture(scope="session")
+def eicu_regions(eicu_dir, tmp_path_factory) -> Path:
+    """The demo prepared by region (midwest, northeast, south, west); returns the out_dir."""
+    from pharmafl.clinical.prepare import EicuConfig, prepare_eicu
+
+    out_dir = tmp_path_factory.mktemp("eicu_regions")
+    prepare_eicu(eicu_dir, out_dir, EicuConfig(sites="region"), say=lambda _line: None)
+    return out_dir

@@ -67,6 +67,16 @@ def cmd_prepare_binding_sites(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_eicu(args: argparse.Namespace) -> int:
+    from pharmafl.clinical.prepare import EicuConfig, prepare_eicu
+    from pharmafl.core.paths import default_eicu_input
+
+    folder = args.input or default_eicu_input()
+    config = EicuConfig(sites=args.sites, min_stays=args.min_stays, test_fraction=args.test_fraction, seed=args.seed)
+    prepare_eicu(folder, args.out, config, overwrite=args.overwrite)
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     prepare = commands.add_parser("prepare", help="prepare site data").add_subparsers(dest="kind", required=True)
     chem = prepare.add_parser("chem", help="MELLODDY-style compound x assay data -> one folder per partner")
@@ -133,3 +143,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     proteins.add_argument("--seed", type=int, default=0)
     proteins.add_argument("--max-chains-per-input", type=int, default=None)
     proteins.set_defaults(func=cmd_prepare_binding_sites)
+
+    eicu = prepare.add_parser("eicu", help="eICU-CRD ICU stays -> one folder per region or hospital")
+    eicu.add_argument(
+        "input", nargs="?", help="folder with the eICU-CRD tables (default: the shared demo, ../shared/data/eicu)"
+    )
+    eicu.add_argument("--out", required=True, help="output folder (one subfolder per site)")
+    add_overwrite(eicu, "an earlier preparation in --out")
+    eicu.add_argument("--sites", default="region", choices=["region", "hospital"])
+    eicu.add_argument("--min-stays", type=int, default=10, help="--sites hospital: the smallest hospital kept")
+    eicu.add_argument("--test-fraction", type=float, default=0.25, help="each site's stratified test share")
+    eicu.add_argument("--seed", type=int, default=0)
+    eicu.set_defaults(func=cmd_prepare_eicu)

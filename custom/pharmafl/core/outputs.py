@@ -18,7 +18,8 @@ from pharmafl.core.errors import InputError
 
 MARKER = ".pharmafl.json"
 PREPARE_CHEM, PREPARE_BINDING_SITES, SIMULATE = "prepare chem", "prepare binding-sites", "simulate"
-PREPARATIONS = (PREPARE_CHEM, PREPARE_BINDING_SITES)  # `prepare --overwrite` replaces either kind
+PREPARE_EICU = "prepare eicu"
+PREPARATIONS = (PREPARE_CHEM, PREPARE_BINDING_SITES, PREPARE_EICU)  # `prepare --overwrite` replaces any kind
 
 
 def marker_kind(folder: Path, marker: str = MARKER) -> str | None:

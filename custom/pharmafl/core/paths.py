@@ -51,6 +51,11 @@ def default_chem_input() -> str:
     return str(local) if local.is_file() else CHEMBL_URL
 
 
+def default_eicu_input() -> Path:
+    """The eICU-CRD demo beside the checkout (``../shared/data/eicu``)."""
+    return repo_root().parent / "shared" / "data" / "eicu"
+
+
 def check_site_names(names: list[str], what: str = "Site") -> None:
     """Refuse site names that are not distinct or not safe as folder names (`InputError`).
 

@@ -9,6 +9,7 @@ stated here and only here; the defaults live in the dataclasses (``TrainConfig``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import typing
@@ -18,6 +19,8 @@ from pathlib import Path
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
 from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
+from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.global_model_eval import GlobalModelEval
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
@@ -26,9 +29,12 @@ from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
 from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
+from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 
+from pharmafl.clinical.train import MortalityConfig, MortalityNet, n_inputs
 from pharmafl.core.errors import InputError
-from pharmafl.core.settings import apply_settings, field_types
+from pharmafl.core.settings import apply_settings, field_types, non_default, settings
+from pharmafl.flare import mortality_client
 from pharmafl.flare.fedavg_aggregator import FedAvgAggregator
 from pharmafl.flare.fra_lora_aggregator import FRALoRAAggregator
 from pharmafl.flare.secure_sum_blind import BlindModelLocator, BlindShareableGenerator
@@ -103,6 +109,7 @@ JOBS: dict[str, JobDefinition] = {
         fra_lora=True,
     ),
 }
+JOBS["eicu_fedavg"] = JobDefinition("eicu", {}, 10, 4)  # the region sites; FedProx: --set fedprox_mu=0.01
 # imported when a job of the family is built: the ESM-2 executor brings transformers and peft with it
 EXECUTORS = {
     "multitask": "pharmafl.flare.multitask_executor.MultiTaskExecutor",
@@ -131,6 +138,9 @@ def _plain_arguments(executor: type) -> dict[str, object]:
 def resolve_settings(name: str, values: dict) -> tuple[dict, dict | None]:
     """(executor arguments, secure_sum settings) of job ``name`` with ``values`` (``--set``) applied."""
     spec = definition(name)
+    if spec.family == "eicu":  # the training script's settings (its command line)
+        groups = {"training": field_types(MortalityConfig)}
+        return apply_settings(dict(spec.executor_args), values, groups, {}, name), None
     executor = executor_class(spec.family)
     groups = {group: field_types(cls) for group, cls in executor.SETTINGS.items()}
     args = dict(spec.executor_args)
@@ -152,6 +162,8 @@ def build_job(name: str, options: JobOptions | None = None) -> FedJob:
     if rounds <= 0 or sites <= 0:
         raise InputError(f"a job needs at least one round and one site, got {rounds} rounds and {sites} sites.")
     try:
+        if spec.family == "eicu":
+            return _eicu(name, settings(MortalityConfig, args.get("training"), "training"), rounds, sites)
         executor = executor_class(spec.family)(**args)
         if spec.family == "multitask":
             return _multitask(name, spec, executor, rounds, sites, secure_sum, options)
@@ -310,6 +322,30 @@ def _esm(name, spec, executor, rounds, sites, secure_sum, options) -> FedJob:
     _client_side(job, executor, [TRAIN, VALIDATE])
     if secure_sum is not None:
         _secure_client_side(job, options, [], [])
+    return job
+
+
+def _eicu(name: str, config: MortalityConfig, rounds: int, sites: int) -> FedJob:
+    """FLARE's FedAvg controller, the Client API script under FLARE's script runner, and a final evaluation of the
+    global model at every site (FLARE's cross-site evaluation without local models, as its recipes add it)."""
+    job = FedJob(name=name, min_clients=sites)
+    job.set_app_packages(["pharmafl"])  # the script imports the installed package: nothing else is copied
+    model = MortalityNet(n_inputs(), config.model, config.hidden, config.seed)
+    job.to_server(FedAvg(num_clients=sites, num_rounds=rounds, persistor_id="persistor"), id="fedavg")
+    job.to_server(PTFileModelPersistor(model=model), id="persistor")
+    job.to_server(PTFileModelLocator(pt_persistor_id="persistor"), id="model_locator")
+    job.to_server(ValidationJsonGenerator(), id="json_generator")
+    job.to_server(
+        CrossSiteModelEval(model_locator_id="model_locator", submit_model_task_name="", validation_timeout=600),
+        id="final_evaluation",
+    )
+    train_args = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in non_default(config).items())
+    script = Path(mortality_client.__file__)
+    # the script by its name, so that the job says "mortality_client.py" (found in app/custom at the site), not
+    # this checkout's path; the file itself goes into app/custom as a file source
+    with contextlib.chdir(script.parent):  # FLARE checks that the named script exists
+        job.to_clients(ScriptRunner(script=script.name, script_args=train_args, framework=FrameworkType.PYTORCH))
+    job.add_file_to_clients(str(script))
     return job
 
 

@@ -35,7 +35,8 @@ def find_component(config: dict, component_id: str) -> dict:
                 return component
     for entry in config.get("executors", []):
         executor = entry.get("executor", {})
-        if executor.get("id") == component_id or (component_id == "executor" and TRAIN_TASK in entry.get("tasks", [])):
+        tasks = entry.get("tasks", [])
+        if executor.get("id") == component_id or (component_id == "executor" and (TRAIN_TASK in tasks or "*" in tasks)):
             return executor
     raise UserError(f"the job config has no component with id '{component_id}'")
 

@@ -18,13 +18,19 @@ from pharmafl.core.settings import settings
 from pharmafl.jobs import CLIENT_CONFIG, SERVER_CONFIG, component_class, find_component, read_json, secure_threshold
 from pharmafl.multitask.model import TrunkConfig
 
-CHEM, BINDING_SITES = "chem", "binding-sites"
-PREPARE_COMMAND = {CHEM: "pharmafl prepare chem", BINDING_SITES: "pharmafl prepare binding-sites"}
+CHEM, BINDING_SITES, EICU = "chem", "binding-sites", "eicu"
+PREPARE_COMMAND = {
+    CHEM: "pharmafl prepare chem",
+    BINDING_SITES: "pharmafl prepare binding-sites",
+    EICU: "pharmafl prepare eicu",
+}
 HUB = ("huggingface.co", 443)
 
 
 def preparation_kind(manifest: dict) -> str | None:
     """``chem`` or ``binding-sites``: which ``pharmafl prepare`` wrote a site's manifest (None: neither)."""
+    if manifest.get("kind") == EICU:
+        return EICU
     if "n_bits" in manifest:
         return CHEM
     if "client" in manifest and "train" in manifest:

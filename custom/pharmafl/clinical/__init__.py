@@ -1,0 +1,1 @@
+"""Clinical FL: eICU in-hospital mortality across hospitals (preparation, the training script, baselines)."""

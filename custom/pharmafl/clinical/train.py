@@ -1,0 +1,284 @@
+"""In-hospital mortality from one site's ICU stays: data, preprocessing, model, training loop and metrics.
+
+Plain PyTorch with no FLARE import: ``pharmafl.clinical.mortality`` runs it on one site alone, and the FLARE
+Client API script (``pharmafl.flare.mortality_client``) runs the same functions round after round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+from torch import nn
+
+from pharmafl.clinical.prepare import APACHE, LABEL, SPLIT, STAYS_FILE, feature_names
+from pharmafl.core.errors import InputError
+
+MODELS = ("logistic", "mlp")
+WEIGHTINGS = ("samples", "uniform")
+POS_WEIGHTS = ("1", "sqrt", "balanced")  # candidates for the positive class weight, chosen on validation
+
+
+@dataclass(frozen=True)
+class MortalityConfig:
+    """The training settings (one home for each default): model, optimiser, rounds of local work, imbalance."""
+
+    model: str = "logistic"
+    hidden: int = 32  # the MLP's hidden units
+    learning_rate: float = 0.01
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    local_epochs: int = 5  # per federated round; the same number of epochs per round alone
+    pos_weight: str = "auto"  # auto: the candidate of POS_WEIGHTS with the best validation AUPRC; or one of them
+    fedprox_mu: float = 0.0  # FedProx's proximal weight (0: FedAvg)
+    weighting: str = "samples"  # how the server weighs a site: by its training stays, or uniform
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise InputError(f"model must be one of {', '.join(MODELS)}, got '{self.model}'.")
+        if self.weighting not in WEIGHTINGS:
+            raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got '{self.weighting}'.")
+        if self.pos_weight not in ("auto", *POS_WEIGHTS):
+            raise InputError(f"pos_weight must be auto or one of {', '.join(POS_WEIGHTS)}, got '{self.pos_weight}'.")
+        if self.learning_rate <= 0 or self.batch_size <= 0 or self.local_epochs <= 0 or self.hidden <= 0:
+            raise InputError("learning_rate, batch_size, local_epochs and hidden must be positive.")
+        if self.fedprox_mu < 0:
+            raise InputError(f"fedprox_mu must not be negative, got {self.fedprox_mu}.")
+
+
+@dataclass
+class SiteStays:
+    """One site's stays: raw features (NaN = missing), labels, splits and the APACHE IVa predictions."""
+
+    name: str
+    X: np.ndarray
+    y: np.ndarray
+    split: np.ndarray
+    apache: np.ndarray
+    features: list[str] = field(default_factory=feature_names)
+
+    def part(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.split == split
+        return self.X[rows], self.y[rows]
+
+
+def load_site(folder: str | Path) -> SiteStays:
+    """A site folder of ``pharmafl prepare eicu``."""
+    path = Path(folder) / STAYS_FILE
+    if not path.is_file():
+        raise InputError(f"'{folder}' has no {STAYS_FILE}; run `pharmafl prepare eicu` first.")
+    table = pd.read_csv(path)
+    missing = [c for c in (LABEL, SPLIT, APACHE, *feature_names()) if c not in table.columns]
+    if missing:
+        raise InputError(f"{path} has no column {', '.join(missing)}; prepare the data again.")
+    return SiteStays(
+        name=Path(folder).name,
+        X=table[feature_names()].to_numpy(dtype=np.float64),
+        y=table[LABEL].to_numpy(dtype=np.int64),
+        split=table[SPLIT].astype(str).to_numpy(),
+        apache=table[APACHE].to_numpy(dtype=np.float64),
+    )
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Impute with ``mean``, scale by ``std`` and add one missing indicator per feature."""
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, X: np.ndarray) -> Standardizer:
+        """From one site's training stays (a site alone; the federation uses the global statistics)."""
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(X, axis=0)
+            std = np.nanstd(X, axis=0)
+        return cls(np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 0), std, 1.0))
+
+    @classmethod
+    def from_statistics(cls, stats: Mapping[str, Mapping[str, float]], features: list[str]) -> Standardizer:
+        """From ``{feature: {"mean": m, "stddev": s}}`` (the federated statistics job's global result)."""
+        missing = [f for f in features if f not in stats]
+        if missing:
+            raise InputError(f"the statistics have no entry for {', '.join(missing[:5])}.")
+        mean = np.array([float(stats[f].get("mean", 0.0) or 0.0) for f in features])
+        std = np.array([float(stats[f].get("stddev", 1.0) or 1.0) for f in features])
+        return cls(np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 0), std, 1.0))
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        missing = np.isnan(X)
+        scaled = (np.where(missing, self.mean, X) - self.mean) / self.std
+        return np.hstack([scaled, missing.astype(np.float64)]).astype(np.float32)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist()}) + "\n")
+
+
+class MortalityNet(nn.Module):
+    """Logistic regression (``logistic``) or a one-hidden-layer MLP (``mlp``) with one logit out, seeded.
+
+    The server builds the same model as every site (FLARE's persistor, from these constructor arguments)."""
+
+    def __init__(self, n_inputs: int, model: str = "logistic", hidden: int = 32, seed: int = 0):
+        super().__init__()
+        self.n_inputs, self.model, self.hidden, self.seed = n_inputs, model, hidden, seed  # as given (Job API)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if model == "logistic":
+                self.net = nn.Sequential(nn.Linear(n_inputs, 1))
+            else:
+                self.net = nn.Sequential(nn.Linear(n_inputs, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def n_inputs() -> int:
+    """The model's inputs: every feature, scaled, and its missing indicator."""
+    return 2 * len(feature_names())
+
+
+def make_model(n_inputs: int, config: MortalityConfig) -> MortalityNet:
+    return MortalityNet(n_inputs, config.model, config.hidden, config.seed)
+
+
+def positive_weight(choice: str, y: np.ndarray) -> float:
+    positives = max(int(y.sum()), 1)
+    ratio = max(len(y) - positives, 1) / positives
+    return {"1": 1.0, "sqrt": math.sqrt(ratio), "balanced": ratio}[choice]
+
+
+def train_epochs(
+    model: nn.Module,
+    X: np.ndarray,
+    y: np.ndarray,
+    config: MortalityConfig,
+    pos_weight: float,
+    epochs: int,
+    rng: np.random.Generator,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> int:
+    """``epochs`` epochs of Adam on weighted binary cross-entropy (+ ``extra_loss``, e.g. FedProx); returns steps."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
+    inputs, targets = torch.from_numpy(X), torch.from_numpy(y.astype(np.float32))
+    model.train()
+    steps = 0
+    for _ in range(epochs):
+        order = rng.permutation(len(y))
+        for start in range(0, len(order), config.batch_size):
+            rows = torch.from_numpy(order[start : start + config.batch_size])
+            loss = loss_fn(model(inputs[rows]).squeeze(-1), targets[rows])
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+    return steps
+
+
+@torch.no_grad()
+def predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
+    model.eval()
+    return torch.sigmoid(model(torch.from_numpy(X)).squeeze(-1)).numpy().astype(np.float64)
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Mean |observed rate - mean prediction| over equal-width probability bins, weighted by their stays."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        rows = index == b
+        if rows.any():
+            total += rows.sum() * abs(y[rows].mean() - p[rows].mean())
+    return float(total / max(len(y), 1))
+
+
+def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """AUROC, AUPRC, Brier score and ECE (NaN for the ranking metrics when one class is absent)."""
+    both = len(np.unique(y)) == 2
+    return {
+        "auroc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "auprc": float(average_precision_score(y, p)) if both else float("nan"),
+        "brier": float(brier_score_loss(y, p, pos_label=1)) if len(y) else float("nan"),
+        "ece": expected_calibration_error(y, p) if len(y) else float("nan"),
+        "stays": int(len(y)),
+        "deaths": int(y.sum()),
+    }
+
+
+class MortalityTrainer:
+    """One site's model and data: the positive weight is chosen on its validation split once, then kept."""
+
+    def __init__(self, site: SiteStays, config: MortalityConfig, standardizer: Standardizer | None = None):
+        self.site, self.config = site, config
+        X_train, self.y_train = site.part("train")
+        if len(self.y_train) == 0:
+            raise InputError(f"site {site.name} has no training stays.")
+        self.standardizer = standardizer or Standardizer.fit(X_train)
+        self.X = self.standardizer.transform(site.X)
+        self.X_train = self.standardizer.transform(X_train)
+        self.rng = np.random.default_rng(config.seed)
+        self.model = make_model(self.X.shape[1], config)
+        self.pos_weight = self._choose_pos_weight()
+
+    def _choose_pos_weight(self) -> float:
+        if self.config.pos_weight != "auto":
+            return positive_weight(self.config.pos_weight, self.y_train)
+        rows = self.site.split == "validation"
+        if len(np.unique(self.site.y[rows])) < 2:  # no validation death to choose by: the balanced weight
+            return positive_weight("balanced", self.y_train)
+        best, best_auprc = "balanced", -1.0
+        for choice in POS_WEIGHTS:
+            model = make_model(self.X.shape[1], self.config)
+            weight = positive_weight(choice, self.y_train)
+            rng = np.random.default_rng(self.config.seed)
+            train_epochs(model, self.X_train, self.y_train, self.config, weight, self.config.local_epochs, rng)
+            auprc = average_precision_score(self.site.y[rows], predict(model, self.X[rows]))
+            if auprc > best_auprc:
+                best, best_auprc = choice, auprc
+        return positive_weight(best, self.y_train)
+
+    def train(self, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> int:
+        return train_epochs(
+            self.model, self.X_train, self.y_train, self.config, self.pos_weight, self.config.local_epochs, self.rng,
+            extra_loss,
+        )  # fmt: skip
+
+    def evaluate(self, split: str = "test") -> dict:
+        """Scores on ``split``, and APACHE IVa's on the same split's stays that have an IVa prediction."""
+        rows = self.site.split == split
+        p = predict(self.model, self.X[rows])
+        y = self.site.y[rows]
+        has_iva = ~np.isnan(self.site.apache[rows])
+        return {
+            **scores(y, p),
+            "on_apache_stays": scores(y[has_iva], p[has_iva]),
+            "apache": scores(y[has_iva], self.site.apache[rows][has_iva]),
+        }
+
+    def weight(self) -> float:
+        """The site's aggregation weight: its training stays (``samples``) or 1 (``uniform``)."""
+        return float(len(self.y_train)) if self.config.weighting == "samples" else 1.0
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        own = self.model.state_dict()
+        if set(state) != set(own):
+            raise InputError(f"the global model's parameters {sorted(state)} are not this model's {sorted(own)}.")
+        for name, value in state.items():
+            if tuple(np.shape(value)) != tuple(own[name].shape) or not np.all(np.isfinite(value)):
+                raise InputError(f"the global parameter {name} is mis-shaped or not finite.")
+        self.model.load_state_dict({k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in state.items()})
