@@ -73,6 +73,8 @@ RULES = [
     (r"^\.venv/bin/pharmafl prepare eicu ", "{}"),
     (r"^\.venv/bin/python -m pharmafl\.clinical\.mortality ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl simulate eicu_fedavg ", "{} --rounds 1"),
+    (r"^\.venv/bin/pharmafl baseline eicu ", "{} --rounds 1"),
+    (r"^\.venv/bin/pharmafl experiment eicu ", "{} --seeds 1 --rounds 1"),
     (r"^\.venv/bin/pharmafl simulate jobs/multitask_secure .*--drop", "{}"),
     (r"^\.venv/bin/pharmafl simulate jobs/multitask_secure ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl ledger verify ", "{}"),

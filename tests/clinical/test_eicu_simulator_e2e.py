@@ -68,3 +68,39 @@ def test_the_same_script_trains_one_site_alone(two_regions, tmp_path, capsys):
     assert (tmp_path / "alone" / "model.pt").is_file()
     assert train_alone(["--data", str(tmp_path), "--rounds", "1"]) == 2
     assert "run `pharmafl prepare eicu` first" in capsys.readouterr().err
+
+
+def test_the_report_puts_every_method_on_the_same_test_stays(fedprox_run, two_regions, tmp_path):
+    from pharmafl.clinical.baseline import run_eicu_baseline
+    from pharmafl.core.paths import job_dir
+    from pharmafl.report import write_report
+
+    _, workspace = fedprox_run
+    overrides = {"fedprox_mu": 0.01, "weighting": "uniform"}
+    for mode in ("local", "centralized"):
+        summary = run_eicu_baseline(two_regions, tmp_path / mode, job_dir("eicu_fedavg"), mode, 2, overrides)
+        assert summary["rounds"] == 2 and summary["config"]["fedprox_mu"] == 0.01
+    report, table = write_report(workspace, [tmp_path / "local", tmp_path / "centralized"])
+    assert set(report["sites"]) == set(SITES)
+    for entry in report["sites"].values():
+        for method in ("federated", "local", "centralized", "apache"):
+            assert set(entry[method]) == {"auroc", "auprc", "brier", "ece"}
+            assert 0.0 <= entry[method]["auroc"] <= 1.0
+        assert entry["test_stays"] > entry["apache_stays"] > 0
+        assert set(entry["on_apache_stays"]) == {"federated", "local", "centralized"}
+    assert report["fairness"]["federated"]["worst_site_auroc"] == min(
+        e["federated"]["auroc"] for e in report["sites"].values()
+    )
+    assert "| midwest |" in table and (workspace / "report" / "summary.json").is_file()
+
+
+def test_the_experiment_runs_every_method_per_seed(eicu_dir, tmp_path):
+    from pharmafl.clinical.experiment import run_eicu_experiment
+
+    combined = run_eicu_experiment(eicu_dir, tmp_path / "exp", seeds=1, rounds=1, progress=lambda _m: None)
+    assert sorted(combined["sites"]) == ["midwest", "northeast", "south", "west"]
+    for entry in combined["sites"].values():
+        assert {"federated", "local", "centralized", "apache"} <= set(entry)
+        assert entry["federated"]["auroc"]["n"] == 1
+    assert (tmp_path / "exp" / "seed-0" / "summary.json").is_file()
+    assert (tmp_path / "exp" / "report.md").is_file()

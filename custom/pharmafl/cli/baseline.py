@@ -45,6 +45,16 @@ def cmd_baseline_esm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline_eicu(args: argparse.Namespace) -> int:
+    from pharmafl.clinical.baseline import run_eicu_baseline
+
+    summary = run_eicu_baseline(args.data, args.out, args.job, args.mode, args.rounds, executor_overrides(args))
+    for site, result in summary["sites"].items():
+        print(f"{site}: {args.mode} test AUROC {result['auroc']:.4f}, AUPRC {result['auprc']:.4f}")
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     baseline = commands.add_parser("baseline", help="non-federated baselines").add_subparsers(
         dest="kind", required=True
@@ -74,3 +84,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     baseline_esm.add_argument("--model", default=None, help="hub name or local folder of the base model")
     add_executor_overrides(baseline_esm)
     baseline_esm.set_defaults(func=cmd_baseline_esm)
+
+    baseline_eicu = baseline.add_parser("eicu", help="eICU mortality: each site alone, or all stays pooled")
+    baseline_eicu.add_argument("--data", required=True, help="output of `pharmafl prepare eicu`")
+    baseline_eicu.add_argument("--out", required=True)
+    baseline_eicu.add_argument("--mode", default="local", choices=["local", "centralized"])
+    baseline_eicu.add_argument("--job", default=str(job_dir("eicu_fedavg")), help="job whose script settings to use")
+    baseline_eicu.add_argument("--rounds", type=int, default=None, help="override the job's num_rounds")
+    add_executor_overrides(baseline_eicu)
+    baseline_eicu.set_defaults(func=cmd_baseline_eicu)

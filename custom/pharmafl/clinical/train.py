@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,17 @@ class SiteStays:
         return self.X[rows], self.y[rows]
 
 
+def pooled(sites: list[SiteStays]) -> SiteStays:
+    """All sites' stays as one site (the centralized baseline: one model on every site's training stays)."""
+    return SiteStays(
+        name="pooled",
+        X=np.vstack([s.X for s in sites]),
+        y=np.concatenate([s.y for s in sites]),
+        split=np.concatenate([s.split for s in sites]),
+        apache=np.concatenate([s.apache for s in sites]),
+    )
+
+
 def load_site(folder: str | Path) -> SiteStays:
     """A site folder of ``pharmafl prepare eicu``."""
     path = Path(folder) / STAYS_FILE
@@ -98,7 +110,8 @@ class Standardizer:
     @classmethod
     def fit(cls, X: np.ndarray) -> Standardizer:
         """From one site's training stays (a site alone; the federation uses the global statistics)."""
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # a feature no stay of the site has: mean 0, scale 1
+            warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(X, axis=0)
             std = np.nanstd(X, axis=0)
         return cls(np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 0), std, 1.0))
@@ -255,16 +268,19 @@ class MortalityTrainer:
             extra_loss,
         )  # fmt: skip
 
-    def evaluate(self, split: str = "test") -> dict:
-        """Scores on ``split``, and APACHE IVa's on the same split's stays that have an IVa prediction."""
-        rows = self.site.split == split
-        p = predict(self.model, self.X[rows])
-        y = self.site.y[rows]
-        has_iva = ~np.isnan(self.site.apache[rows])
+    def evaluate(self, split: str = "test", site: SiteStays | None = None) -> dict:
+        """Scores on ``split`` of this trainer's site (or of ``site``), and APACHE IVa's on the stays of that
+        split that have an IVa prediction (``on_apache_stays`` is the model on exactly those stays)."""
+        site = site or self.site
+        rows = site.split == split
+        X = self.X[rows] if site is self.site else self.standardizer.transform(site.X[rows])
+        p = predict(self.model, X)
+        y = site.y[rows]
+        has_iva = ~np.isnan(site.apache[rows])
         return {
             **scores(y, p),
             "on_apache_stays": scores(y[has_iva], p[has_iva]),
-            "apache": scores(y[has_iva], self.site.apache[rows][has_iva]),
+            "apache": scores(y[has_iva], site.apache[rows][has_iva]),
         }
 
     def weight(self) -> float:

@@ -143,6 +143,8 @@ def _run(
         ",".join(sites),
         "-t",
         str(threads),
+        "-m",  # FLARE's simulator takes at most 100 clients unless told otherwise (one per hospital: more)
+        str(max(100, len(sites))),
         "--end_run_for_all",
     ]
     scratch_log = scratch / "simulate.log"
