@@ -68,3 +68,11 @@ def test_bad_settings_and_missing_data_are_one_sentence(tmp_path):
         MortalityConfig(weighting="by-beds")
     with pytest.raises(InputError, match="run `pharmafl prepare eicu` first"):
         load_site(tmp_path)
+
+
+def test_the_script_refuses_a_bad_setting_in_one_sentence(eicu_regions, capsys):
+    from pharmafl.clinical.mortality import main
+
+    assert main(["--data", str(eicu_regions / "south"), "--learning-rate", "fast"]) == 2
+    assert "--learning-rate fast is not a valid float" in capsys.readouterr().err
+    assert main(["--data", str(eicu_regions / "south"), "--model", "forest"]) == 2

@@ -43,7 +43,10 @@ def config_from(args: argparse.Namespace) -> MortalityConfig:
     for f in fields(MortalityConfig):
         text = getattr(args, f.name)
         if text is not None:
-            values[f.name] = text if f.type in ("str", str) else json.loads(text)
+            try:
+                values[f.name] = text if f.type in ("str", str) else json.loads(text)
+            except json.JSONDecodeError:
+                raise InputError(f"--{f.name.replace('_', '-')} {text} is not a valid {f.type}.") from None
     return settings(MortalityConfig, values, "training")
 
 
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from(args)
         site = load_site(args.data)
         trainer = MortalityTrainer(site, config, standardizer_for(site, args.stats))
-    except (InputError, ValueError) as err:
+    except InputError as err:  # a user's mistake; anything else is a bug and keeps its traceback
         print(f"mortality: error: {err}", file=sys.stderr)
         return 2
     for _ in range(args.rounds):

@@ -31,10 +31,8 @@ from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 
-from pharmafl.clinical.train import MortalityConfig, MortalityNet, n_inputs
 from pharmafl.core.errors import InputError
 from pharmafl.core.settings import apply_settings, field_types, non_default, settings
-from pharmafl.flare import mortality_client
 from pharmafl.flare.fedavg_aggregator import FedAvgAggregator
 from pharmafl.flare.fra_lora_aggregator import FRALoRAAggregator
 from pharmafl.flare.secure_sum_blind import BlindModelLocator, BlindShareableGenerator
@@ -108,8 +106,8 @@ JOBS: dict[str, JobDefinition] = {
         {"clip": 4.0, "max_weight": 1000.0, "modulus_bits": 64},
         fra_lora=True,
     ),
+    "eicu_fedavg": JobDefinition("eicu", {}, 10, 4),  # the four regions; FedProx: --set fedprox_mu=0.01
 }
-JOBS["eicu_fedavg"] = JobDefinition("eicu", {}, 10, 4)  # the region sites; FedProx: --set fedprox_mu=0.01
 # imported when a job of the family is built: the ESM-2 executor brings transformers and peft with it
 EXECUTORS = {
     "multitask": "pharmafl.flare.multitask_executor.MultiTaskExecutor",
@@ -139,6 +137,8 @@ def resolve_settings(name: str, values: dict) -> tuple[dict, dict | None]:
     """(executor arguments, secure_sum settings) of job ``name`` with ``values`` (``--set``) applied."""
     spec = definition(name)
     if spec.family == "eicu":  # the training script's settings (its command line)
+        from pharmafl.clinical.train import MortalityConfig
+
         groups = {"training": field_types(MortalityConfig)}
         return apply_settings(dict(spec.executor_args), values, groups, {}, name), None
     executor = executor_class(spec.family)
@@ -163,7 +163,7 @@ def build_job(name: str, options: JobOptions | None = None) -> FedJob:
         raise InputError(f"a job needs at least one round and one site, got {rounds} rounds and {sites} sites.")
     try:
         if spec.family == "eicu":
-            return _eicu(name, settings(MortalityConfig, args.get("training"), "training"), rounds, sites)
+            return _eicu(name, args.get("training"), rounds, sites)
         executor = executor_class(spec.family)(**args)
         if spec.family == "multitask":
             return _multitask(name, spec, executor, rounds, sites, secure_sum, options)
@@ -325,9 +325,14 @@ def _esm(name, spec, executor, rounds, sites, secure_sum, options) -> FedJob:
     return job
 
 
-def _eicu(name: str, config: MortalityConfig, rounds: int, sites: int) -> FedJob:
+def _eicu(name: str, training: dict | None, rounds: int, sites: int) -> FedJob:
     """FLARE's FedAvg controller, the Client API script under FLARE's script runner, and a final evaluation of the
     global model at every site (FLARE's cross-site evaluation without local models, as its recipes add it)."""
+    # imported here, as the executors are: the clinical code brings scikit-learn with it
+    from pharmafl.clinical.train import MortalityConfig, MortalityNet, n_inputs
+    from pharmafl.flare import mortality_client
+
+    config = settings(MortalityConfig, training, "training")
     job = FedJob(name=name, min_clients=sites)
     job.set_app_packages(["pharmafl"])  # the script imports the installed package: nothing else is copied
     model = MortalityNet(n_inputs(), config.model, config.hidden, config.seed)

@@ -15,7 +15,7 @@ from pharmafl.core.errors import UserError
 from pharmafl.core.paths import jobs_dir
 from pharmafl.flare.job_builders import JOBS, JobOptions, export_job
 
-__all__ = ["JOBS", "JobOptions", "differences", "export_all", "export_run_job", "job_name"]
+__all__ = ["JOBS", "JobOptions", "differences", "export_all", "export_named", "export_run_job", "job_name"]
 
 
 def differences(name: str, folder: str | Path) -> list[str]:
@@ -61,8 +61,12 @@ def job_name(job: str | Path) -> str:
 
 
 def export_run_job(job: str | Path, out_root: str | Path, options: JobOptions | None = None) -> Path:
-    """A run's copy of ``job`` (name or folder) under ``out_root``, built with ``options``."""
-    name = job_name(job)
+    """A run's copy of ``job`` (name or folder, checked by ``job_name``) under ``out_root``, built with ``options``."""
+    return export_named(job_name(job), out_root, options)
+
+
+def export_named(name: str, out_root: str | Path, options: JobOptions | None = None) -> Path:
+    """Job ``name`` (already resolved by ``job_name``) exported to ``out_root/name``, replacing what is there."""
     if (Path(out_root) / name).exists():
         shutil.rmtree(Path(out_root) / name)
     return export_job(name, out_root, options)
@@ -71,9 +75,4 @@ def export_run_job(job: str | Path, out_root: str | Path, options: JobOptions | 
 def export_all(out_root: str | Path | None = None) -> list[Path]:
     """Export every job to ``out_root`` (default: the package's ``jobs/`` folder), replacing what is there."""
     root = Path(out_root) if out_root is not None else jobs_dir()
-    paths = []
-    for name in JOBS:
-        if (root / name).exists():
-            shutil.rmtree(root / name)
-        paths.append(export_job(name, root))
-    return paths
+    return [export_named(name, root) for name in JOBS]

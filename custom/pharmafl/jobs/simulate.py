@@ -17,7 +17,7 @@ from pharmafl.core.outputs import SIMULATE, check_output, write_marker
 from pharmafl.core.paths import DATA_ENV, repo_root
 from pharmafl.core.progress import PROGRESS_TAG, TASK_FAILED
 from pharmafl.jobs import prepared_sites, site_local_dir
-from pharmafl.jobs.export import JOBS, JobOptions, export_run_job, job_name
+from pharmafl.jobs.export import JOBS, JobOptions, export_named, job_name
 from pharmafl.jobs.preflight import check_job_data
 from pharmafl.secure_sum.config import POLICY_FILE, SitePolicy
 from pharmafl.testing import FAULT_PHASES
@@ -78,15 +78,16 @@ def run_simulator(
     # The simulator empties its workspace (all but local/): the adapted job and the log live outside.
     scratch = Path(tempfile.mkdtemp(prefix="pharmafl-sim-"))
     try:
+        name = job_name(job_dir)  # a folder is compared with its builder's export once, here
         base = job_options or JobOptions()
         options = dataclasses.replace(
             base,
             num_rounds=base.num_rounds if rounds is None else rounds,
             sites=len(sites),
             settings={**base.settings, **(executor_overrides or {})},
-            site_component=_faulty_site(job_dir, sites, faults, fault_round, base) if faults else base.site_component,
+            site_component=_faulty_site(name, sites, faults, fault_round, base) if faults else base.site_component,
         )
-        job = export_run_job(job_dir, scratch, options)
+        job = export_named(name, scratch, options)
         check_job_data(job, data_dir, sites)
         replace = check_output(
             workspace, (SIMULATE,), overwrite, "--workspace", reads=[data_dir, job_dir, repo_root()], marker=MARKER
@@ -197,13 +198,13 @@ def parse_fault(text: str) -> tuple[str, str]:
     return site, spec
 
 
-def _faulty_site(job: str | Path, sites: list[str], faults: dict[str, str], fault_round: int, base=None):
+def _faulty_site(name: str, sites: list[str], faults: dict[str, str], fault_round: int, base=None):
     """The test-only ``FaultySecureSumSite`` with ``faults``, in place of a secure-sum job's site component
     (recording the plaintext uploads when ``base``'s site component did)."""
     unknown = sorted(set(faults) - set(sites))
     if unknown:
         raise UserError(f"cannot inject faults into {unknown}: the sites are {sites}")
-    if JOBS[job_name(job)].secure_sum is None:
-        raise UserError(f"--drop/--tamper need a secure-sum job; {Path(job).name} has no secure sum.")
+    if JOBS[name].secure_sum is None:
+        raise UserError(f"--drop/--tamper need a secure-sum job; {name} has no secure sum.")
     record = bool(getattr(base and base.site_component, "record_updates", False))
     return FaultySecureSumSite(faults=dict(faults), fault_round=fault_round, record_updates=record)
