@@ -15,6 +15,7 @@ HERE = Path(__file__).resolve().parent
 # poc_workspace/ holds generated workspaces beside the shipped files; ship only what git tracks there.
 SHIPPED_POC = ("README.md", "project.yml", "local", "site_local")
 
+
 class BuildWithResources(build_py):
     def run(self):
         super().run()
@@ -31,5 +32,6 @@ class BuildWithResources(build_py):
             else:
                 (target / "poc_workspace").mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target / "poc_workspace" / name)
+
 
 setup(cmdclass={"build_py": BuildWithResources})
