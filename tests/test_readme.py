@@ -6,6 +6,7 @@ changes a small subset needs (fewer compounds, chains, rounds and steps; a free 
 the command runs the job's full rounds): a README command without a rule here fails the test.
 """
 
+import json
 import os
 import re
 import shlex
@@ -72,6 +73,7 @@ RULES = [
     (r"^\.venv/bin/pharmafl baseline esm ", "{} --rounds 1 " + ESM_SMALL),
     (r"^\.venv/bin/pharmafl prepare eicu ", "{}"),
     (r"^\.venv/bin/python -m pharmafl\.clinical\.mortality ", "{} --rounds 1"),
+    (r"^\.venv/bin/pharmafl simulate eicu_statistics ", "{}"),
     (r"^\.venv/bin/pharmafl simulate eicu_fedavg ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl baseline eicu ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl experiment eicu ", "{} --seeds 1 --rounds 1"),
@@ -136,7 +138,17 @@ def test_every_readme_command_runs_on_a_small_subset(tmp_path):
         "submissions.jsonl",
         "experiment/summary.json",
         "preds.csv",
+        "eicu_stats/report/feature_distributions.png",
+        "eicu/report/roc.png",
+        "eicu_exp/seed-0/statistics/report/feature_distributions.png",
     ):
         assert (runs / output).exists(), output
+    # experiment eicu: FLARE's statistics, the federated run and both baselines for the seed, at every region
+    eicu = json.loads((runs / "eicu_exp" / "summary.json").read_text())
+    assert sorted(eicu["sites"]) == ["midwest", "northeast", "south", "west"]
+    for entry in eicu["sites"].values():
+        assert {"federated", "local", "centralized", "apache"} <= set(entry)
+        assert entry["federated"]["auroc"]["n"] == 1
+    assert {"federated", "local", "centralized", "apache"} <= set(eicu["pooled"])  # all test stays pooled
     assert any(runs.glob("provision/*/prod_*/pharma-a/startup"))
     assert sorted(p.name for p in root.iterdir()) == [".venv", "jobs", "poc_workspace", "runs"]  # all under runs/

@@ -1,13 +1,17 @@
-"""The eICU mortality job in the real FLARE simulator: the Client API script at 2 region sites, 2 rounds."""
+"""The eICU jobs in the real FLARE simulator at 2 region sites: FLARE's federated statistics, then the Client API
+script for 2 rounds standardising with them. ``experiment eicu`` (statistics, federated run and baselines per seed)
+runs in the README smoke test, which checks its summary."""
 
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from pharmafl.clinical.mortality import main as train_alone
-from pharmafl.clinical.train import MortalityNet, n_inputs
+from pharmafl.clinical.statistics import global_statistics, read_statistics, suppressed
+from pharmafl.clinical.train import MortalityNet, load_site, n_inputs, pooled
 from pharmafl.jobs.simulate import run_simulator
 
 pytestmark = pytest.mark.slow
@@ -23,11 +27,53 @@ def two_regions(eicu_regions, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fedprox_run(two_regions, tmp_path_factory):
+def statistics_run(two_regions, tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("eicu_stats") / "workspace"
+    run_simulator("eicu_statistics", two_regions, workspace, quiet=True)
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def fedprox_run(two_regions, statistics_run, tmp_path_factory):
     workspace = tmp_path_factory.mktemp("eicu_sim") / "workspace"
-    overrides = {"fedprox_mu": 0.01, "weighting": "uniform"}
+    overrides = {"fedprox_mu": 0.01, "weighting": "uniform", "statistics": str(statistics_run)}
     result = run_simulator("eicu_fedavg", two_regions, workspace, rounds=2, executor_overrides=overrides, quiet=True)
     return result, workspace
+
+
+def test_flares_statistics_are_the_pooled_training_statistics_and_its_filter_drops_small_counts(
+    statistics_run, two_regions
+):
+    stats = read_statistics(statistics_run)
+    sites = [load_site(two_regions / name) for name in SITES]
+    features = sites[0].features
+    figures = global_statistics(stats, features)
+    X, _ = pooled(sites).part("train")
+    compared = 0
+    for i, feature in enumerate(features):
+        observed = {s.name: int(np.sum(~np.isnan(s.part("train")[0][:, i]))) for s in sites}
+        assert figures[feature]["sites"] == sum(n >= 10 for n in observed.values())  # FLARE's min_count: 10
+        assert np.isclose(figures[feature]["missing_rate"], np.isnan(X[:, i]).mean(), atol=1e-3)
+        if figures[feature]["sites"] == len(sites):
+            column = X[:, i][~np.isnan(X[:, i])]
+            assert np.isclose(figures[feature]["mean"], column.mean(), rtol=1e-3, atol=1e-3)
+            assert np.isclose(figures[feature]["stddev"], column.std(ddof=1), rtol=1e-3, atol=1e-3)
+            compared += 1
+    assert compared > 60
+    removed = suppressed(stats, features)
+    for site in sites:
+        counts = np.sum(~np.isnan(site.part("train")[0]), axis=0)
+        assert removed[site.name] == [f for f, n in zip(features, counts, strict=True) if n < 10]
+    assert any(removed.values())  # the demo has features too rare to report at a region
+
+
+def test_the_statistics_report_draws_each_sites_distributions(statistics_run):
+    from pharmafl.report import write_report
+
+    summary, table = write_report(statistics_run)
+    assert set(summary["sites"]) == set(SITES) and "| midwest |" in table
+    assert summary["global"]["age"]["sites"] == 2 and 0 < summary["global"]["albumin"]["missing_rate"] < 1
+    assert (statistics_run / "report" / "feature_distributions.png").stat().st_size > 10_000
 
 
 def test_every_site_scores_the_final_global_model_and_apache_on_the_same_stays(fedprox_run):
@@ -51,14 +97,13 @@ def test_the_server_holds_the_scripts_model_and_the_sites_ran_fedprox_uniform(fe
         client = json.loads((workspace / site / f"simulate_job/app_{site}/config/config_fed_client.json").read_text())
         (entry,) = client["executors"]
         assert entry["executor"]["args"]["task_script_path"] == "mortality_client.py"
-        assert entry["executor"]["args"]["task_script_args"].split() == [
-            "--fedprox-mu",
-            "0.01",
-            "--weighting",
-            "uniform",
-        ]
+        words = entry["executor"]["args"]["task_script_args"].split()
+        assert words[:4] == ["--fedprox-mu", "0.01", "--weighting", "uniform"]
+        assert words[4] == "--stats" and words[5].endswith("statistics/eicu_statistics.json")
     log = (workspace / "simulate.log").read_text()
     assert "Round 1 started" in log and "Round 2 started" not in log
+    for site in SITES:
+        assert f"{site}: standardises with the federated statistics" in log
 
 
 def test_the_same_script_trains_one_site_alone(two_regions, tmp_path, capsys):
@@ -92,15 +137,12 @@ def test_the_report_puts_every_method_on_the_same_test_stays(fedprox_run, two_re
         e["federated"]["auroc"] for e in report["sites"].values()
     )
     assert "| midwest |" in table and (workspace / "report" / "summary.json").is_file()
-
-
-def test_the_experiment_runs_every_method_per_seed(eicu_dir, tmp_path):
-    from pharmafl.clinical.experiment import run_eicu_experiment
-
-    combined = run_eicu_experiment(eicu_dir, tmp_path / "exp", seeds=1, rounds=1, progress=lambda _m: None)
-    assert sorted(combined["sites"]) == ["midwest", "northeast", "south", "west"]
-    for entry in combined["sites"].values():
-        assert {"federated", "local", "centralized", "apache"} <= set(entry)
-        assert entry["federated"]["auroc"]["n"] == 1
-    assert (tmp_path / "exp" / "seed-0" / "summary.json").is_file()
-    assert (tmp_path / "exp" / "report.md").is_file()
+    # the pooled figures come from the sites' risk histograms: all test stays, every method
+    stays = sum(e["test_stays"] for e in report["sites"].values())
+    assert report["pooled"]["federated"]["stays"] == report["pooled"]["local"]["stays"] == stays
+    assert report["pooled"]["apache"]["stays"] == sum(e["apache_stays"] for e in report["sites"].values())
+    assert 0.5 < report["pooled"]["federated"]["auroc"] <= 1.0
+    assert report["across_sites"]["federated"]["sites"] == 2
+    assert report["statistics"]["global"]["age"]["sites"] == 2  # the statistics the sites standardised with
+    for figure in ("roc.png", "calibration.png", "feature_distributions.png"):
+        assert figure in report["figures"] and (workspace / "report" / figure).stat().st_size > 10_000

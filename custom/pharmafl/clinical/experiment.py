@@ -1,8 +1,10 @@
 """``pharmafl experiment eicu``: the federated job, each site alone, centralized and APACHE IVa, over seeds.
 
 Seed S draws its own stratified splits (``prepare eicu --seed S``) and its own initial model and batches, on both
-the federated and the baseline sides; every method is scored on the same test stays of the same seed. The table
-is mean ± std over seeds per site, and the worst site's AUROC.
+the federated and the baseline sides; every method is scored on the same test stays of the same seed. Per seed,
+FLARE's federated statistics job runs first on the training stays, and the federated sites standardise with its
+global figures (``statistics=``; ``--set statistics=`` with no value: each site its own). The table is mean ± std
+over seeds per site, and the worst site's AUROC.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import numpy as np
 
 from pharmafl.clinical.baseline import run_eicu_baseline
 from pharmafl.clinical.prepare import EicuConfig, prepare_eicu
-from pharmafl.clinical.report import METHODS, build_eicu_summary
+from pharmafl.clinical.report import METHODS, build_eicu_summary, write_statistics_report
 from pharmafl.core.errors import InputError
 from pharmafl.core.outputs import check_output, staged_output
 from pharmafl.core.paths import job_dir
 from pharmafl.jobs.simulate import run_simulator
 
 EXPERIMENT = "experiment eicu"
-JOB = "eicu_fedavg"
+JOB, STATISTICS_JOB = "eicu_fedavg", "eicu_statistics"
 
 
 def run_eicu_experiment(
@@ -47,13 +49,19 @@ def run_eicu_experiment(
             data = folder / "data"
             prepare_eicu(tables, data, EicuConfig(sites=sites, seed=seed), say=lambda _line: None)
             settings = {**(overrides or {}), "seed": seed}
+            if "statistics" not in settings:
+                progress(f"seed {seed}: federated statistics")
+                run_simulator(STATISTICS_JOB, data, folder / "statistics", threads=threads, quiet=True)
+                write_statistics_report(folder / "statistics")  # its feature_distributions.png
+                settings["statistics"] = str(folder / "statistics")
             progress(f"seed {seed}: federated run")
             result = run_simulator(
                 JOB, data, folder / "federated", rounds, threads, executor_overrides=settings, quiet=True
             )
             progress(f"seed {seed}: baselines ({result['wall_s']:.0f} s federated)")
+            baseline_settings = {k: v for k, v in settings.items() if k != "statistics"}  # their own standardisers
             for mode in ("local", "centralized"):  # as many rounds x local epochs as the federation
-                run_eicu_baseline(data, folder / mode, job_dir(JOB), mode, rounds, settings)
+                run_eicu_baseline(data, folder / mode, job_dir(JOB), mode, rounds, baseline_settings)
             summary = build_eicu_summary(folder / "federated", [folder / "local", folder / "centralized"])
             summary["federated_wall_s"] = result["wall_s"]
             (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -96,6 +104,12 @@ def combine_seeds(per_seed: list[dict]) -> dict:
         combined["worst_site_auroc"][method] = _mean_std(
             [s["fairness"][method]["worst_site_auroc"] for s in per_seed if method in s["fairness"]]
         )
+    for method in METHODS:  # every site's test stays pooled (a seed's ``pooled``)
+        runs = [s["pooled"][method] for s in per_seed if method in s.get("pooled", {})]
+        if runs:
+            combined.setdefault("pooled", {})[method] = {
+                m: _mean_std([r[m] for r in runs]) for m in ("auroc", "auprc", "ece")
+            }
     combined["wall_s"] = [s.get("federated_wall_s") for s in per_seed]
     return combined
 
@@ -118,4 +132,7 @@ def format_seeds_table(combined: dict) -> str:
         )
     worst = " · ".join(f"{m} {cell(v)}" for m, v in combined["worst_site_auroc"].items() if v.get("n"))
     lines += ["", f"Worst-site AUROC over {combined['seeds']} seeds: {worst}."]
+    pooled = " · ".join(f"{m} {cell(v['auroc'])}" for m, v in combined.get("pooled", {}).items())
+    if pooled:
+        lines += ["", f"All test stays pooled, AUROC: {pooled}."]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from pharmafl.clinical.statistics import global_statistics, read_statistics
 from pharmafl.clinical.train import MortalityConfig, MortalityTrainer, Standardizer, load_site
 from pharmafl.core.errors import InputError
 from pharmafl.core.settings import settings
@@ -29,7 +30,10 @@ def parser(alone: bool = True) -> argparse.ArgumentParser:
         p.add_argument("--data", required=True, help="a site folder of `pharmafl prepare eicu`")
     p.add_argument("--rounds", type=int, default=10, help="rounds of local_epochs epochs")
     p.add_argument(
-        "--stats", default=None, help="global statistics JSON ({feature: {mean, stddev}}); else the site's own"
+        "--stats",
+        default=None,
+        help="FLARE's federated statistics (jobs/eicu_statistics: its JSON or run workspace) to standardise with; "
+        "else the site's own",
     )
     p.add_argument("--out", default=None, help="folder for model.pt and scores.json")
     for f in fields(MortalityConfig):
@@ -50,11 +54,15 @@ def config_from(args: argparse.Namespace) -> MortalityConfig:
     return settings(MortalityConfig, values, "training")
 
 
-def standardizer_for(site, stats_path: str | None) -> Standardizer | None:
+def standardizer_for(site, stats_path: str | None, root: str | Path | None = None) -> Standardizer | None:
+    """The global statistics' standardiser (a relative ``stats_path`` is under ``root``), or None: the site's own."""
     if not stats_path:
         return None
-    stats = json.loads(Path(stats_path).read_text())
-    return Standardizer.from_statistics(stats, site.features)
+    path = Path(stats_path).expanduser()
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    own = Standardizer.fit(site.part("train")[0])
+    return Standardizer.from_statistics(global_statistics(read_statistics(path), site.features), site.features, own)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,13 +117,18 @@ class Standardizer:
         return cls(np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 0), std, 1.0))
 
     @classmethod
-    def from_statistics(cls, stats: Mapping[str, Mapping[str, float]], features: list[str]) -> Standardizer:
-        """From ``{feature: {"mean": m, "stddev": s}}`` (the federated statistics job's global result)."""
+    def from_statistics(
+        cls, stats: Mapping[str, Mapping[str, float | None]], features: list[str], own: Standardizer | None = None
+    ) -> Standardizer:
+        """From ``{feature: {"mean": m, "stddev": s}}`` (the federated statistics' global figures). A feature
+        without a global figure (no site reported it: FLARE's minimum-count filter) takes ``own``'s (the site's own
+        statistics), else mean 0 and scale 1."""
         missing = [f for f in features if f not in stats]
         if missing:
             raise InputError(f"the statistics have no entry for {', '.join(missing[:5])}.")
-        mean = np.array([float(stats[f].get("mean", 0.0) or 0.0) for f in features])
-        std = np.array([float(stats[f].get("stddev", 1.0) or 1.0) for f in features])
+        own = own or cls(np.zeros(len(features)), np.ones(len(features)))
+        mean = np.array([_or(stats[f].get("mean"), own.mean[i]) for i, f in enumerate(features)])
+        std = np.array([_or(stats[f].get("stddev"), own.std[i]) for i, f in enumerate(features)])
         return cls(np.nan_to_num(mean), np.where(np.isfinite(std) & (std > 0), std, 1.0))
 
     def transform(self, X: np.ndarray) -> np.ndarray:
@@ -133,6 +138,10 @@ class Standardizer:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps({"mean": self.mean.tolist(), "std": self.std.tolist()}) + "\n")
+
+
+def _or(value: float | None, fallback: float) -> float:
+    return fallback if value is None or not np.isfinite(float(value)) else float(value)
 
 
 class MortalityNet(nn.Module):
@@ -217,8 +226,23 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
     return float(total / max(len(y), 1))
 
 
+SCORE_BINS = 200  # the predicted-risk histogram a site reports per class: ROC, calibration and pooled metrics
+
+
+def score_histogram(y: np.ndarray, p: np.ndarray, bins: int = SCORE_BINS) -> dict[str, list[int]]:
+    """Stays per equal-width predicted-risk bin on [0, 1], deaths and survivors apart. Counts, not the stays'
+    scores; on a test split of a few stays they are nearly the scores and outcomes, as the site's metrics are."""
+    index = np.clip((np.asarray(p) * bins).astype(int), 0, bins - 1)
+    y = np.asarray(y)
+    return {
+        "deaths": np.bincount(index[y == 1], minlength=bins).tolist(),
+        "survivors": np.bincount(index[y == 0], minlength=bins).tolist(),
+    }
+
+
 def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    """AUROC, AUPRC, Brier score and ECE (NaN for the ranking metrics when one class is absent)."""
+    """AUROC, AUPRC, Brier score, ECE (NaN for the ranking metrics when one class is absent), and the predicted-risk
+    histogram per class (``score_histogram``)."""
     both = len(np.unique(y)) == 2
     return {
         "auroc": float(roc_auc_score(y, p)) if both else float("nan"),
@@ -227,6 +251,7 @@ def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "ece": expected_calibration_error(y, p) if len(y) else float("nan"),
         "stays": int(len(y)),
         "deaths": int(y.sum()),
+        "histogram": score_histogram(y, p),
     }
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nvflare.apis.job_def import ALL_SITES
 from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
 from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
 from nvflare.app_common.widgets.validation_json_generator import ValidationJsonGenerator
@@ -30,6 +32,7 @@ from nvflare.app_opt.tracking.tb.tb_writer import TBWriter
 from nvflare.job_config.api import FedJob
 from nvflare.job_config.defs import FilterType
 from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
+from nvflare.job_config.stats_job import StatsJob
 
 from pharmafl.core.errors import InputError
 from pharmafl.core.settings import apply_settings, field_types, non_default, settings
@@ -107,12 +110,28 @@ JOBS: dict[str, JobDefinition] = {
         fra_lora=True,
     ),
     "eicu_fedavg": JobDefinition("eicu", {}, 10, 4),  # the four regions; FedProx: --set fedprox_mu=0.01
+    # FLARE's federated statistics of the eICU features (one pass, no rounds): the training job standardises with it
+    "eicu_statistics": JobDefinition("statistics", {"min_count": 10}, 1, 4),
 }
 # imported when a job of the family is built: the ESM-2 executor brings transformers and peft with it
 EXECUTORS = {
     "multitask": "pharmafl.flare.multitask_executor.MultiTaskExecutor",
     "esm": "pharmafl.flare.esm_lora_executor.ESMLoRAExecutor",
 }
+
+
+# the data the sites of a family read, where no executor of ours declares it (FLARE's Client API and statistics)
+DATA_KINDS = {"eicu": "eicu", "statistics": "eicu"}
+CROSS_SITE_RESULTS = "cross_site_val/cross_val_results.json"
+
+
+def result_file(name: str) -> str:
+    """The file a finished run of job ``name`` has written under the server's run folder."""
+    if definition(name).family == "statistics":
+        from pharmafl.clinical.statistics import OUTPUT
+
+        return OUTPUT
+    return CROSS_SITE_RESULTS
 
 
 def executor_class(family: str) -> type:
@@ -136,11 +155,13 @@ def _plain_arguments(executor: type) -> dict[str, object]:
 def resolve_settings(name: str, values: dict) -> tuple[dict, dict | None]:
     """(executor arguments, secure_sum settings) of job ``name`` with ``values`` (``--set``) applied."""
     spec = definition(name)
-    if spec.family == "eicu":  # the training script's settings (its command line)
+    if spec.family == "eicu":  # the training script's settings (its command line), and the global statistics
         from pharmafl.clinical.train import MortalityConfig
 
         groups = {"training": field_types(MortalityConfig)}
-        return apply_settings(dict(spec.executor_args), values, groups, {}, name), None
+        return apply_settings(dict(spec.executor_args), values, groups, {"statistics": str}, name), None
+    if spec.family == "statistics":  # FLARE's privacy filter: the fewest observed values a site reports
+        return apply_settings(dict(spec.executor_args), values, {}, {"min_count": int}, name), None
     executor = executor_class(spec.family)
     groups = {group: field_types(cls) for group, cls in executor.SETTINGS.items()}
     args = dict(spec.executor_args)
@@ -163,7 +184,9 @@ def build_job(name: str, options: JobOptions | None = None) -> FedJob:
         raise InputError(f"a job needs at least one round and one site, got {rounds} rounds and {sites} sites.")
     try:
         if spec.family == "eicu":
-            return _eicu(name, args.get("training"), rounds, sites)
+            return _eicu(name, args.get("training"), args.get("statistics", ""), rounds, sites)
+        if spec.family == "statistics":
+            return _eicu_statistics(name, args["min_count"], sites)
         executor = executor_class(spec.family)(**args)
         if spec.family == "multitask":
             return _multitask(name, spec, executor, rounds, sites, secure_sum, options)
@@ -325,10 +348,13 @@ def _esm(name, spec, executor, rounds, sites, secure_sum, options) -> FedJob:
     return job
 
 
-def _eicu(name: str, training: dict | None, rounds: int, sites: int) -> FedJob:
+def _eicu(name: str, training: dict | None, statistics: str, rounds: int, sites: int) -> FedJob:
     """FLARE's FedAvg controller, the Client API script under FLARE's script runner, and a final evaluation of the
-    global model at every site (FLARE's cross-site evaluation without local models, as its recipes add it)."""
+    global model at every site (FLARE's cross-site evaluation without local models, as its recipes add it).
+
+    ``statistics``: the federated statistics the sites standardise with (empty: each site its own)."""
     # imported here, as the executors are: the clinical code brings scikit-learn with it
+    from pharmafl.clinical.statistics import statistics_file
     from pharmafl.clinical.train import MortalityConfig, MortalityNet, n_inputs
     from pharmafl.flare import mortality_client
 
@@ -345,12 +371,30 @@ def _eicu(name: str, training: dict | None, rounds: int, sites: int) -> FedJob:
         id="final_evaluation",
     )
     train_args = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in non_default(config).items())
+    if statistics:  # found here: the file itself, absolute; else as given (a site resolves it under its data root)
+        with contextlib.suppress(InputError):
+            statistics = str(statistics_file(statistics).resolve())
+        train_args = f"{train_args} --stats {shlex.quote(statistics)}".strip()
     script = Path(mortality_client.__file__)
     # the script by its name, so that the job says "mortality_client.py" (found in app/custom at the site), not
     # this checkout's path; the file itself goes into app/custom as a file source
     with contextlib.chdir(script.parent):  # FLARE checks that the named script exists
         job.to_clients(ScriptRunner(script=script.name, script_args=train_args, framework=FrameworkType.PYTORCH))
     job.add_file_to_clients(str(script))
+    return job
+
+
+def _eicu_statistics(name: str, min_count: int, sites: int) -> FedJob:
+    """FLARE's own statistics job (``StatsJob``: its controller, JSON writer, executor and privacy filters) with
+    the eICU site component; every site gets the same app."""
+    from pharmafl.clinical.statistics import OUTPUT, STATISTICS
+    from pharmafl.flare.eicu_statistics import EicuStatistics
+
+    if min_count < 1:
+        raise InputError(f"min_count must be at least 1, got {min_count}.")
+    job = StatsJob(name, STATISTICS, EicuStatistics(), OUTPUT, min_count=min_count)
+    job.set_app_packages(["pharmafl"])
+    job.setup_clients([ALL_SITES])
     return job
 
 

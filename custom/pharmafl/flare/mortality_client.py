@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     site_name = flare.get_site_name()
     root = os.path.expanduser(args.data_root or os.environ.get(DATA_ENV, ""))
     site = load_site(Path(root) / site_name)
-    trainer = MortalityTrainer(site, config, standardizer_for(site, args.stats))
+    standardizer = standardizer_for(site, args.stats, root)
+    if standardizer is not None:
+        print(f"{site_name}: standardises with the federated statistics {args.stats}", flush=True)
+    trainer = MortalityTrainer(site, config, standardizer)
     proximal = PTFedProxLoss(mu=config.fedprox_mu) if config.fedprox_mu > 0 else None
     while flare.is_running():
         received = flare.receive()

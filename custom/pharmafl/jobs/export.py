@@ -13,9 +13,19 @@ from pathlib import Path
 
 from pharmafl.core.errors import UserError
 from pharmafl.core.paths import jobs_dir
-from pharmafl.flare.job_builders import JOBS, JobOptions, export_job
+from pharmafl.flare.job_builders import DATA_KINDS, JOBS, JobOptions, export_job, result_file
 
-__all__ = ["JOBS", "JobOptions", "differences", "export_all", "export_named", "export_run_job", "job_name"]
+__all__ = [
+    "DATA_KINDS",
+    "JOBS",
+    "JobOptions",
+    "result_file",
+    "differences",
+    "export_all",
+    "export_named",
+    "export_run_job",
+    "job_name",
+]
 
 
 def differences(name: str, folder: str | Path) -> list[str]:

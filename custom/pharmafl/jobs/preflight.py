@@ -49,17 +49,17 @@ def site_manifests(data_dir: str | Path, sites: list[str]) -> dict[str, dict]:
     return manifests
 
 
-def check_job_data(job_dir: str | Path, data_dir: str | Path, sites: list[str]) -> str:
+def check_job_data(job_dir: str | Path, data_dir: str | Path, sites: list[str], wanted: str | None = None) -> str:
     """Refuse a job whose executor cannot train on ``data_dir``'s preparation; returns the data kind.
 
     ``job_dir`` is the adapted job copy (overrides applied). Checks: the preparation kind the executor declares
     (``data_kind``), one kind and geometry over all sites, the multi-task trunk's input width against the
     fingerprint length, the secure sum's threshold against the number of sites, the ESM-2 common test set and
-    base model.
+    base model. ``wanted``: the kind, where the job's executor is not ours to declare it (FLARE's own).
     """
     server, client = read_json(Path(job_dir) / SERVER_CONFIG), read_json(Path(job_dir) / CLIENT_CONFIG)
-    executor = find_component(client, "executor")
-    wanted = getattr(component_class(executor["path"]), "data_kind", None)
+    executor = {} if wanted else find_component(client, "executor")
+    wanted = wanted or getattr(component_class(executor["path"]), "data_kind", None)
     manifests = site_manifests(data_dir, sites)
     kinds = {site: preparation_kind(m) for site, m in manifests.items()}
     if len(set(kinds.values())) > 1:

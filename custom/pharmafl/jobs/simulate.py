@@ -17,7 +17,7 @@ from pharmafl.core.outputs import SIMULATE, check_output, write_marker
 from pharmafl.core.paths import DATA_ENV, repo_root
 from pharmafl.core.progress import PROGRESS_TAG, TASK_FAILED
 from pharmafl.jobs import prepared_sites, site_local_dir
-from pharmafl.jobs.export import JOBS, JobOptions, export_named, job_name
+from pharmafl.jobs.export import DATA_KINDS, JOBS, JobOptions, export_named, job_name, result_file
 from pharmafl.jobs.preflight import check_job_data
 from pharmafl.secure_sum.config import POLICY_FILE, SitePolicy
 from pharmafl.testing import FAULT_PHASES
@@ -88,7 +88,7 @@ def run_simulator(
             site_component=_faulty_site(name, sites, faults, fault_round, base) if faults else base.site_component,
         )
         job = export_named(name, scratch, options)
-        check_job_data(job, data_dir, sites)
+        check_job_data(job, data_dir, sites, DATA_KINDS.get(JOBS[name].family))
         replace = check_output(
             workspace, (SIMULATE,), overwrite, "--workspace", reads=[data_dir, job_dir, repo_root()], marker=MARKER
         )
@@ -103,7 +103,7 @@ def run_simulator(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     run_dir = server_run_dir(workspace)
-    results = run_dir / "cross_site_val" / "cross_val_results.json"
+    results = run_dir / result_file(name)
     errors = [(site, message) for site, message in site_errors(workspace, sites) if site not in (faults or {})]
     if errors:
         site, message = errors[0]
