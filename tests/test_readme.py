@@ -22,7 +22,8 @@ from pharmafl.jobs.export import JobOptions, export_run_job
 pytestmark = pytest.mark.slow
 README = repo_root() / "README.md"
 SMALL_CHEM = "--max-compounds 3000"
-ONE_ROUND_JOB = "runs/smoke_jobs/multitask_fedavg"
+SMOKE_JOBS = "runs/smoke_jobs"  # one-round copies of the jobs README runs with the plain FLARE CLI
+ONE_ROUND_JOB = f"{SMOKE_JOBS}/multitask_fedavg"
 ESM_SMALL = "--set local_steps=4 --set max_length=128 --set batch_size=4"
 
 
@@ -74,6 +75,9 @@ RULES = [
     (r"^\.venv/bin/pharmafl prepare eicu ", "{}"),
     (r"^\.venv/bin/python -m pharmafl\.clinical\.mortality ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl simulate eicu_statistics ", "{}"),
+    (r"^for ws in runs/flare_eicu", "{}"),
+    (r"^PHARMAFL_DATA=.*nvflare simulator jobs/eicu_statistics ", "{}"),  # one pass: no rounds to cut
+    (r"^PHARMAFL_DATA=.*nvflare simulator jobs/eicu_fedavg ", None),  # the one-round copy, below
     (r"^\.venv/bin/pharmafl simulate eicu_fedavg ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl baseline eicu ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl experiment eicu ", "{} --seeds 1 --rounds 1"),
@@ -94,8 +98,8 @@ def small(command: str, port: int) -> str:
         if re.search(pattern, command):
             if template is not None:
                 return template.format(plain, port=port)
-            if "nvflare simulator" in plain:
-                return plain.replace("jobs/multitask_fedavg", ONE_ROUND_JOB)
+            if "nvflare simulator" in plain:  # the job's one-round copy
+                return re.sub(r"jobs/(\w+)", lambda m: f"{SMOKE_JOBS}/{m[1]}", plain, count=1)
             if plain.startswith(".venv/bin/pharmafl submit"):
                 return plain.replace("jobs/multitask_fedavg", ONE_ROUND_JOB) + " --timeout 900"
             # approve JOB: the one-round copy, added at every POC site (before the submit above needs it)
@@ -109,7 +113,8 @@ def test_every_readme_command_runs_on_a_small_subset(tmp_path):
     for name in (".venv", "jobs", "poc_workspace"):
         (root / name).symlink_to(repo_root() / name)
     (tmp_path / "shared").symlink_to(repo_root().parent / "shared")
-    export_run_job("multitask_fedavg", root / "runs" / "smoke_jobs", JobOptions(num_rounds=1))
+    for job in ("multitask_fedavg", "eicu_fedavg"):
+        export_run_job(job, root / SMOKE_JOBS, JobOptions(num_rounds=1))
     port = free_port()
     commands = [small(command, port) for command in readme_commands()]
     # approve (last in README) must come before the submit that needs it, once the POC kits exist
@@ -139,6 +144,8 @@ def test_every_readme_command_runs_on_a_small_subset(tmp_path):
         "experiment/summary.json",
         "preds.csv",
         "eicu_stats/report/feature_distributions.png",
+        "flare_eicu_stats/server/simulate_job/statistics/eicu_statistics.json",
+        "flare_eicu/server/simulate_job/cross_site_val/cross_val_results.json",
         "eicu/report/roc.png",
         "eicu_exp/seed-0/statistics/report/feature_distributions.png",
     ):

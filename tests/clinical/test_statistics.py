@@ -88,3 +88,14 @@ def test_the_risk_histogram_gives_the_exact_curves_up_to_its_bins():
     assert sum(curves["calibration"]["stays"]) == len(y)
     one_class = histogram_curves(score_histogram(np.zeros(5, dtype=int), np.full(5, 0.2)))
     assert "auroc" not in one_class and one_class["stays"] == 5  # no ranking metric without a death
+
+
+def test_the_distribution_figure_says_so_when_the_minimum_count_removed_every_figure(tmp_path):
+    from pharmafl.clinical.statistics import distribution_figure, global_statistics
+
+    stats = _flare_output({"a": np.array([1.0, 2.0, np.nan]), "b": np.array([3.0, np.nan])}, min_count=10)
+    for site in ("a", "b"):  # FLARE's filter also removes the missing rate of a site under the minimum count
+        del stats[MISSING + "x"]["mean"][site]
+    assert global_statistics(stats, ["x"])["x"]["sites"] == 0
+    path = distribution_figure(stats, ["x"], tmp_path / "feature_distributions.png")
+    assert path.stat().st_size > 1000

@@ -158,9 +158,13 @@ def distribution_figure(stats: dict, features: list[str], path: str | Path, per_
     ax.set_xticks(range(len(often_missing)))
     ax.set_xticklabels(often_missing, rotation=90, fontsize=5)
     fig.colorbar(image, ax=ax)
+    if np.isnan(rates).all():  # e.g. sites with fewer stays than FLARE's minimum count
+        ax.text(0.5, 0.5, "no site reported a figure:\nFLARE's minimum count removed them all", ha="center",
+                va="center", transform=ax.transAxes, fontsize=7)  # fmt: skip
     for extra in list(axes.flat)[len(shown) + 1 :]:
         extra.axis("off")
-    axes.flat[0].legend(fontsize=6)
+    if shown:
+        axes.flat[0].legend(fontsize=6)
     fig.suptitle("Training-stay feature distributions per site (FLARE federated statistics)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
