@@ -107,6 +107,13 @@ def small(command: str, port: int) -> str:
     raise AssertionError(f"README command without a smoke-test rule (add one to RULES): {command}")
 
 
+def _timed(commands: list[str]) -> list[str]:
+    lines = []
+    for command in commands:
+        lines += [f"echo {shlex.quote('+ ' + command)} >&2", "SECONDS=0", command, 'echo "  ($SECONDS s)" >&2']
+    return lines
+
+
 def test_every_readme_command_runs_on_a_small_subset(tmp_path):
     root = tmp_path / "checkout"
     root.mkdir()
@@ -124,9 +131,16 @@ def test_every_readme_command_runs_on_a_small_subset(tmp_path):
     approve = approve.replace(shlex.quote("$KITS"), kits)
     commands.insert(next(i for i, c in enumerate(commands) if " submit " in c), approve)
     env = {**os.environ, "HOME": str(tmp_path / "home"), "NVFLARE_POC_WORKSPACE": str(tmp_path / "poc")}
-    lines = ["set -euo pipefail", "trap '.venv/bin/pharmafl poc down >/dev/null 2>&1 || true' EXIT"]
-    for command in commands:
-        lines += [f"echo {shlex.quote('+ ' + command)} >&2", "SECONDS=0", command, 'echo "  ($SECONDS s)" >&2']
+    lines = [
+        "set -euo pipefail",
+        "trap 'kill $(jobs -p) 2>/dev/null || true; .venv/bin/pharmafl poc down >/dev/null 2>&1 || true' EXIT",
+    ]
+    # README's clinical section shares nothing with the others: it runs beside them, in order, with its own log.
+    # Its simulator runs mostly wait on FLARE's start-up: this takes the test from 473 s to 344 s.
+    clinical = [c for c in commands if "eicu" in c]
+    lines += ["(", "set -euo pipefail", *_timed(clinical), ") > runs/clinical.log 2>&1 &", "clinical=$!"]
+    lines += _timed([c for c in commands if c not in clinical])
+    lines += ["status=0; wait $clinical || status=$?", "cat runs/clinical.log >&2", "exit $status"]
     script = "\n".join(lines) + "\n"
     (tmp_path / "readme.sh").write_text(script)
     started = time.perf_counter()
