@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pharmafl.clinical.mortality import main as train_alone
-from pharmafl.clinical.statistics import global_statistics, read_statistics, suppressed
+from pharmafl.clinical.statistics import MIN_COUNT, global_statistics, read_statistics, suppressed
 from pharmafl.clinical.train import MortalityNet, load_site, n_inputs, pooled
 from pharmafl.jobs.simulate import run_simulator
 
@@ -52,7 +52,7 @@ def test_flares_statistics_are_the_pooled_training_statistics_and_its_filter_dro
     compared = 0
     for i, feature in enumerate(features):
         observed = {s.name: int(np.sum(~np.isnan(s.part("train")[0][:, i]))) for s in sites}
-        assert figures[feature]["sites"] == sum(n >= 10 for n in observed.values())  # FLARE's min_count: 10
+        assert figures[feature]["sites"] == sum(n >= MIN_COUNT for n in observed.values())  # FLARE's filter
         assert np.isclose(figures[feature]["missing_rate"], np.isnan(X[:, i]).mean(), atol=1e-3)
         if figures[feature]["sites"] == len(sites):
             column = X[:, i][~np.isnan(X[:, i])]
@@ -63,7 +63,7 @@ def test_flares_statistics_are_the_pooled_training_statistics_and_its_filter_dro
     removed = suppressed(stats, features)
     for site in sites:
         counts = np.sum(~np.isnan(site.part("train")[0]), axis=0)
-        assert removed[site.name] == [f for f, n in zip(features, counts, strict=True) if n < 10]
+        assert removed[site.name] == [f for f, n in zip(features, counts, strict=True) if n < MIN_COUNT]
     assert any(removed.values())  # the demo has features too rare to report at a region
 
 

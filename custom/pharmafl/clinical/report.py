@@ -130,10 +130,9 @@ def histogram_curves(histogram: dict) -> dict:
 def pooled_scores(sites: dict) -> dict:
     """Per method, AUROC, AUPRC and ECE of every site's test stays pooled (APACHE IVa: its stays)."""
     pooled = {}
-    for method in METHODS:
-        histograms = [s["histograms"][method] for s in sites.values() if method in s.get("histograms", {})]
-        if len(histograms) == len(sites) and histograms:
-            curves = histogram_curves(_sum_histograms(histograms))
+    for method, histogram in _sum_by_method(sites.values()).items():
+        if all(method in s.get("histograms", {}) for s in sites.values()):  # every site's test stays, or none
+            curves = histogram_curves(histogram)
             pooled[method] = {k: curves.get(k) for k in ("auroc", "auprc", "ece", "stays", "deaths")}
     return pooled
 

@@ -28,19 +28,23 @@ STATISTICS = {"count": {}, "sum": {}, "mean": {}, "stddev": {}, "histogram": {"*
 MIN_COUNT = 10  # FLARE's StatsJob default: a site reports a feature only from 10 observed values
 
 
+def _run_output(workspace: Path) -> Path | None:
+    """FLARE's statistics JSON of a statistics run's simulator workspace (or downloaded result), if it is one."""
+    return next((f for f in (workspace / "server" / "simulate_job" / OUTPUT, workspace / OUTPUT) if f.is_file()), None)
+
+
 def statistics_file(path: str | Path) -> Path:
     """FLARE's statistics JSON at ``path``: the file itself, or a statistics run's simulator workspace."""
     path = Path(path).expanduser()
-    for candidate in (path, path / "server" / "simulate_job" / OUTPUT, path / OUTPUT):
-        if candidate.is_file():
-            return candidate
-    raise InputError(f"'{path}' is neither FLARE's statistics JSON nor a statistics run's workspace ({OUTPUT}).")
+    found = path if path.is_file() else _run_output(path)
+    if found is None:
+        raise InputError(f"'{path}' is neither FLARE's statistics JSON nor a statistics run's workspace ({OUTPUT}).")
+    return found
 
 
 def is_statistics_run(workspace: str | Path) -> bool:
     """A simulator workspace (or downloaded result) of ``jobs/eicu_statistics``."""
-    root = Path(workspace)
-    return (root / "server" / "simulate_job" / OUTPUT).is_file() or (root / OUTPUT).is_file()
+    return _run_output(Path(workspace)) is not None
 
 
 def read_statistics(path: str | Path) -> dict:

@@ -34,6 +34,7 @@ from nvflare.job_config.defs import FilterType
 from nvflare.job_config.script_runner import FrameworkType, ScriptRunner
 from nvflare.job_config.stats_job import StatsJob
 
+from pharmafl.clinical.statistics import MIN_COUNT, OUTPUT, STATISTICS, statistics_file
 from pharmafl.core.errors import InputError
 from pharmafl.core.settings import apply_settings, field_types, non_default, settings
 from pharmafl.flare.fedavg_aggregator import FedAvgAggregator
@@ -111,7 +112,7 @@ JOBS: dict[str, JobDefinition] = {
     ),
     "eicu_fedavg": JobDefinition("eicu", {}, 10, 4),  # the four regions; FedProx: --set fedprox_mu=0.01
     # FLARE's federated statistics of the eICU features (one pass, no rounds): the training job standardises with it
-    "eicu_statistics": JobDefinition("statistics", {"min_count": 10}, 1, 4),
+    "eicu_statistics": JobDefinition("statistics", {"min_count": MIN_COUNT}, 1, 4),
 }
 # imported when a job of the family is built: the ESM-2 executor brings transformers and peft with it
 EXECUTORS = {
@@ -128,8 +129,6 @@ CROSS_SITE_RESULTS = "cross_site_val/cross_val_results.json"
 def result_file(name: str) -> str:
     """The file a finished run of job ``name`` has written under the server's run folder."""
     if definition(name).family == "statistics":
-        from pharmafl.clinical.statistics import OUTPUT
-
         return OUTPUT
     return CROSS_SITE_RESULTS
 
@@ -354,7 +353,6 @@ def _eicu(name: str, training: dict | None, statistics: str, rounds: int, sites:
 
     ``statistics``: the federated statistics the sites standardise with (empty: each site its own)."""
     # imported here, as the executors are: the clinical code brings scikit-learn with it
-    from pharmafl.clinical.statistics import statistics_file
     from pharmafl.clinical.train import MortalityConfig, MortalityNet, n_inputs
     from pharmafl.flare import mortality_client
 
@@ -387,7 +385,6 @@ def _eicu(name: str, training: dict | None, statistics: str, rounds: int, sites:
 def _eicu_statistics(name: str, min_count: int, sites: int) -> FedJob:
     """FLARE's own statistics job (``StatsJob``: its controller, JSON writer, executor and privacy filters) with
     the eICU site component; every site gets the same app."""
-    from pharmafl.clinical.statistics import OUTPUT, STATISTICS
     from pharmafl.flare.eicu_statistics import EicuStatistics
 
     if min_count < 1:
