@@ -84,6 +84,7 @@ RULES = [
     (r"^\.venv/bin/pharmafl simulate jobs/multitask_secure .*--drop", "{}"),
     (r"^\.venv/bin/pharmafl simulate jobs/multitask_secure ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl ledger verify ", "{}"),
+    (r"^\.venv/bin/pharmafl privacy epsilon ", "{}"),
     (r"^\.venv/bin/pharmafl poc up ", "{} --port {port}"),
     (r"^\.venv/bin/pharmafl submit jobs/multitask_fedavg ", None),  # the approved one-round copy, below
     (r"^\.venv/bin/pharmafl poc (status|down)$", "{}"),

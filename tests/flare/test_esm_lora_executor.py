@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,12 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.signal import Signal
 
-from pharmafl.flare.esm_lora_executor import FINAL_STATE_FILE, ESMLoRAExecutor
+from pharmafl.core.errors import InputError
+from pharmafl.flare.esm_lora_executor import FINAL_CARD_FILE, FINAL_STATE_FILE, ESMLoRAExecutor
+from pharmafl.flare.site_executor import PRIVACY_BUDGET_SPENT, PRIVACY_FILE
+from pharmafl.jobs import executor_args
+from pharmafl.jobs.export import JobOptions, export_run_job
+from pharmafl.privacy import accounting
 
 from .conftest import task
 
@@ -93,3 +99,42 @@ def test_optimizer_moments_across_rounds(fl_ctx, gpsite_small, tiny_esm_config, 
     assert bool(executor.trainer.optimizer.state) == moments_kept
     with pytest.raises(ValueError, match="optimizer_state"):
         ESMLoRAExecutor(optimizer_state="forget")
+
+
+def test_dp_records_its_spending_stops_at_the_budget_and_resumes_it(fl_ctx, gpsite_small, tiny_esm_config):
+    target = accounting.epsilon(1.0, 1.0, 3, 1e-3) + 1e-6  # three steps fit; 38 chains, batch 64: Poisson rate 1
+    dp = {"noise_multiplier": 1.0, "target_epsilon": target, "delta": 1e-3}
+    training = {"batch_size": 64, "local_steps": 2, "max_length": 32}
+    executor = started(fl_ctx, gpsite_small, tiny_esm_config, training, dp=dp)
+    assert executor.dp == dp  # as given: FLARE's Job API exports the argument from the attribute
+    dxo = from_shareable(executor.execute("train", task({}), fl_ctx, Signal()))
+    assert dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 2 and dxo.data
+    spent = json.loads((Path(executor.run_dir) / PRIVACY_FILE).read_text())
+    assert spent["steps"] == 2 and 0 < spent["epsilon"] <= target and not spent["exhausted"]
+    tags = {call.args[0] for call in fl_ctx.get_engine().get_component.return_value.add_scalar.call_args_list}
+    assert "privacy/epsilon" in tags
+
+    dxo = from_shareable(executor.execute("train", task(dxo.data, round_number=1), fl_ctx, Signal()))
+    assert dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 1  # the budget ends the round after one step
+    assert json.loads((Path(executor.run_dir) / PRIVACY_FILE).read_text())["exhausted"]
+    weights = dxo.data
+    reply = from_shareable(executor.execute("train", task(weights, round_number=2), fl_ctx, Signal()))
+    assert reply.get_meta_prop(PRIVACY_BUDGET_SPENT) is True and reply.data == {}
+    assert reply.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND) == 0
+
+    executor.handle_event(EventType.END_RUN, fl_ctx)  # the final adapter's card says what it cost
+    card = json.loads((Path(executor.run_dir) / FINAL_CARD_FILE).read_text())
+    assert card["privacy"]["steps"] == 3 and 0 < card["privacy"]["epsilon"] <= target
+    assert card["privacy"]["privacy_unit"] == "one protein chain of this site"
+
+    restarted = started(fl_ctx, gpsite_small, tiny_esm_config, training, dp=dp)  # same run folder: resumes
+    reply = from_shareable(restarted.execute("train", task(weights, round_number=3), fl_ctx, Signal()))
+    assert restarted.trainer.budget.steps == 3 and reply.get_meta_prop(PRIVACY_BUDGET_SPENT) is True
+
+
+def test_dp_with_grad_noise_is_refused_and_a_target_alone_is_planned_over_the_rounds(tmp_path):
+    with pytest.raises(InputError, match="grad_noise_std cannot be combined with DP-SGD"):
+        ESMLoRAExecutor(training={"grad_noise_std": 0.1}, dp={"noise_multiplier": 1.0})
+    options = JobOptions(num_rounds=4, settings={"dp.target_epsilon": 3.0})
+    args = executor_args(export_run_job("esm2_lora_fedavg", tmp_path, options))
+    assert args["dp"] == {"target_epsilon": 3.0, "epochs": 4}  # a DP epoch is one round of local_steps steps

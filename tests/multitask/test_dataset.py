@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -118,8 +119,6 @@ def test_chembl_small_fixture(chembl_small):
 
 
 def test_damaged_or_inconsistent_regression_data_is_a_user_error(site_dir, tmp_path):
-    import shutil
-
     for name, damage in [
         ("garbage", lambda path: path.write_bytes(b"not an npz")),
         ("outside", lambda path: np.savez(path, row=[10**6], task=[0], value=[1.0], censor=[1])),
@@ -130,3 +129,70 @@ def test_damaged_or_inconsistent_regression_data_is_a_user_error(site_dir, tmp_p
         damage(copy / "regression.npz")
         with pytest.raises(InputError, match="regression"):
             load_site(str(copy))
+
+
+@pytest.fixture(scope="module")
+def audit_site_dir(site_dir):
+    """``site_dir``'s table prepared again with an audit hold-out."""
+    config = PrepareConfig(
+        sites=["s1"],
+        n_bits=1024,
+        min_train_actives=1,
+        min_train_inactives=1,
+        min_eval_actives=1,
+        min_eval_inactives=1,
+        audit_fraction=0.4,
+    )
+    out = site_dir.parent.parent / "prepared_audit"
+    prepare_chem(str(site_dir.parent.parent / "table.csv"), str(out), config, progress=None)
+    return out / "s1"
+
+
+def test_audit_rows_round_trip(site_dir, audit_site_dir):
+    none = load_site(str(site_dir), verify=True).audit_rows
+    assert none.dtype == np.int64 and none.shape == (0,)
+    data = load_site(str(audit_site_dir), verify=True)
+    assert data.audit_rows.dtype == np.int64 and 0 < len(data.audit_rows) < data.X.shape[0]
+    assert np.array_equal(data.audit_rows, np.load(audit_site_dir / "audit.npy"))
+    assert data.manifest["n_audit"] == len(data.audit_rows) and data.manifest["audit_fraction"] == 0.4
+
+
+def test_a_folder_prepared_before_the_audit_hold_out_loads_without_one(audit_site_dir, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(audit_site_dir, older)
+    (older / "audit.npy").unlink()
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["sha256"]["audit.npy"], manifest["n_audit"], manifest["audit_fraction"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    data = load_site(str(older), verify=True)
+    assert data.audit_rows.dtype == np.int64 and data.audit_rows.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "name, rows, problem",
+    [
+        ("outside", np.array([10**6]), "audit.npy points outside"),
+        ("negative", np.array([-1]), "audit.npy points outside"),
+        ("twice", np.array([0, 0]), "audit.npy lists a row twice"),
+        ("floats", np.array([0.5]), "audit.npy is not a list of row indices"),
+        ("miscounted", np.array([], dtype=np.int64), "audit.npy lists 0 rows but the manifest says"),
+        ("deleted", None, "audit.npy is missing but the manifest lists it"),
+    ],
+)
+def test_an_inconsistent_audit_hold_out_is_refused(audit_site_dir, tmp_path, name, rows, problem):
+    copy = tmp_path / name
+    shutil.copytree(audit_site_dir, copy)
+    if rows is None:
+        (copy / "audit.npy").unlink()  # training would silently use the held-out compounds
+    else:
+        np.save(copy / "audit.npy", rows)
+    with pytest.raises(InputError, match=f"inconsistent \\({problem}.*\\); prepare it again"):
+        load_site(str(copy))
+
+
+def test_a_damaged_audit_file_is_a_user_error(audit_site_dir, tmp_path):
+    copy = tmp_path / "garbage"
+    shutil.copytree(audit_site_dir, copy)
+    (copy / "audit.npy").write_bytes(b"not an npy file")
+    with pytest.raises(InputError, match="audit hold-out at .* is damaged; prepare it again"):
+        load_site(str(copy))

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 from pharmafl.core.errors import InputError
 from pharmafl.multitask.dataset import load_site
 from pharmafl.multitask.prepare import SITE_FILES as PREPARED_FILES
-from pharmafl.multitask.prepare import PrepareConfig, prepare_chem
+from pharmafl.multitask.prepare import PrepareConfig, audit_draw, prepare_chem
 from pharmafl.multitask.standardize import ecfp_bits, fold_for_scaffold, murcko_scaffold, standardize_smiles
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
@@ -153,6 +153,11 @@ def test_wide_counts_and_outputs(wide_csv, tmp_path):
     assert Y.dtype == folds.dtype == np.int8
     assert X.shape == (4, 2048) and Y.shape == values.shape == (4, 7) and folds.shape == (4,)
     assert set(np.unique(X.data)) == {1.0}
+    audit = np.load(site / "audit.npy")  # no hold-out by default: the outputs above are those made before it
+    assert audit.dtype == np.int64 and audit.shape == (0,)
+    manifest = json.loads((site / "manifest.json").read_text())
+    assert manifest["audit_fraction"] == 0.0 and manifest["n_audit"] == 0
+    assert summary["sites"]["solo"]["audit_compounds"] == 0 == summary["audit_compounds_in_sites"]
     compounds = list(pd.read_csv(site / "compounds.csv")["smiles"])
     assert compounds == [ASPIRIN, IBUPROFEN, "CCO", "CN"]
     for row, smiles in enumerate(compounds):
@@ -357,6 +362,9 @@ def test_no_usable_label_column(tmp_path):
         ({"thresholds": ()}, "at least one activity threshold"),
         ({"test_fold": 5}, "test fold"),
         ({"fmt": "tall"}, "Input format"),
+        ({"audit_fraction": 0.5}, r"^--audit-fraction must be at least 0 and below 0\.5, got 0\.5\.$"),
+        ({"audit_fraction": -0.1}, r"^--audit-fraction must be at least 0 and below 0\.5, got -0\.1\.$"),
+        ({"audit_fraction": float("nan")}, "audit-fraction must be at least 0 and below 0.5, got nan"),
     ],
 )
 def test_invalid_config(wide_csv, tmp_path, changes, message):
@@ -369,6 +377,114 @@ def test_failed_download_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # keep the download cache inside the test
     with pytest.raises(InputError, match="download .* failed.*local file"):
         prepare_chem("http://127.0.0.1:9/data.csv.gz", str(tmp_path / "out"), PrepareConfig(sites=["a"]), progress=None)
+
+
+# --- the audit hold-out -----------------------------------------------------------------------------
+
+# 400 distinct small molecules, so the share held out can be measured; six 0/1 assays with gaps
+AUDIT_MOLECULES = [
+    f"{'C' * i}{ring}{'C' * j}{end}"
+    for i in range(1, 6)
+    for ring in ("c1ccccc1", "C1CCNCC1", "c1ccncc1", "C1CCOC1")
+    for j in range(5)
+    for end in ("O", "N", "C(=O)O", "Cl")
+]
+
+
+@pytest.fixture(scope="module")
+def audit_csv(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    cells = rng.integers(0, 2, size=(len(AUDIT_MOLECULES), 6)).astype(str).astype(object)
+    missing = rng.random(cells.shape) < 0.5
+    missing[np.arange(len(cells)), np.arange(len(cells)) % 6] = False  # every compound has a label
+    cells[missing] = ""
+    path = tmp_path_factory.mktemp("audit") / "audit.csv"
+    frame = pd.DataFrame(cells, columns=[f"A{k}" for k in range(6)])
+    frame.insert(0, "smiles", AUDIT_MOLECULES)
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _held_out(out, sites) -> dict[str, tuple[set[str], set[str]]]:
+    """{site: (its compounds, those in its audit hold-out)} by SMILES, from verified site folders."""
+    held = {}
+    for site in sites:
+        data = load_site(str(out / site), verify=True)  # audit.npy is in the checksums
+        smiles = pd.read_csv(out / site / "compounds.csv")["smiles"]
+        assert data.audit_rows.dtype == np.int64 and np.all(np.diff(data.audit_rows) > 0)
+        assert data.manifest["n_audit"] == len(data.audit_rows)
+        held[site] = (set(smiles), set(smiles[data.audit_rows]))
+    return held
+
+
+def test_audit_holdout_is_the_requested_share_drawn_by_keyed_smiles(audit_csv, tmp_path):
+    config = PrepareConfig(sites=["solo"], audit_fraction=0.2, **NO_QUORUM)
+    summary = prepare_chem(str(audit_csv), str(tmp_path / "out"), config, progress=None)
+    assert summary["compounds"] == len(AUDIT_MOLECULES) == 400
+    data = load_site(str(tmp_path / "out" / "solo"), verify=True)
+    smiles = list(pd.read_csv(tmp_path / "out" / "solo" / "compounds.csv")["smiles"])
+    assert len(data.audit_rows) / len(smiles) == pytest.approx(0.2, abs=0.05)
+    drawn = [row for row, s in enumerate(smiles) if audit_draw(s, config.fold_secret) < 0.2]
+    assert data.audit_rows.tolist() == drawn
+    assert data.manifest["audit_fraction"] == 0.2
+    assert summary["sites"]["solo"]["audit_compounds"] == len(drawn) == summary["audit_compounds_in_sites"]
+    assert summary["config"]["audit_fraction"] == 0.2
+    # keyed: another secret holds out other compounds; a larger share holds out a superset
+    other = {s for s in smiles if audit_draw(s, "another-secret") < 0.2}
+    assert len(other ^ {smiles[row] for row in drawn}) > 50
+    assert {smiles[row] for row in drawn} < {s for s in smiles if audit_draw(s, config.fold_secret) < 0.3}
+
+
+def test_audit_draw_is_pinned_and_apart_from_the_folds():
+    # pinned: changing the scheme would silently change which compounds the audits treat as non-members
+    assert audit_draw(ASPIRIN, "pharmafl-demo-secret") == 0.4209142455855831
+    draws = [audit_draw(f"C{'C' * i}O", "secret") for i in range(2000)]
+    assert all(0 <= d < 1 for d in draws) and 0.45 < np.mean(draws) < 0.55
+
+
+def test_audit_holdout_is_the_same_for_any_partner_count(audit_csv, tmp_path):
+    held = {}
+    for sites in (["solo"], ["a", "b", "c"]):
+        config = PrepareConfig(sites=sites, audit_fraction=0.2, **NO_QUORUM)
+        out = tmp_path / str(len(sites))
+        summary = prepare_chem(str(audit_csv), str(out), config, progress=None)
+        held.update(_held_out(out, sites))
+        assert summary["audit_compounds_in_sites"] == len(held["solo"][1])  # the pooled hold-out, counted once
+    pooled = held.pop("solo")[1]
+    assert len({frozenset(members) for members, _ in held.values()}) == 3  # the partners hold different compounds
+    for members, audit in held.values():
+        assert audit == members & pooled  # a compound is held out everywhere or nowhere
+
+
+def test_audit_holdout_keeps_every_compound_label_and_fold(audit_csv, tmp_path):
+    loaded, compounds = {}, {}
+    for fraction in (0.0, 0.3):
+        out = tmp_path / str(fraction)
+        prepare_chem(
+            str(audit_csv),
+            str(out),
+            PrepareConfig(sites=["a", "b"], audit_fraction=fraction, **NO_QUORUM),
+            progress=None,
+        )
+        loaded[fraction] = [load_site(str(out / site)) for site in ("a", "b")]
+        compounds[fraction] = [(out / site / "compounds.csv").read_bytes() for site in ("a", "b")]
+    assert compounds[0.0] == compounds[0.3]
+    for without, held in zip(loaded[0.0], loaded[0.3], strict=True):
+        assert len(without.audit_rows) == 0 and len(held.audit_rows) > 0
+        assert (without.X != held.X).nnz == 0 and (without.Y != held.Y).nnz == 0
+        assert (without.values != held.values).nnz == 0 and np.array_equal(without.folds, held.folds)
+        pd.testing.assert_frame_equal(without.tasks, held.tasks)
+        assert (without.regression.values != held.regression.values).nnz == 0
+        assert set(np.unique(held.folds[held.audit_rows])) == set(np.unique(held.folds))  # in every fold
+
+
+def test_out_of_range_audit_fraction_exits_2_with_one_sentence(wide_csv, tmp_path, capsys):
+    from pharmafl.cli import main
+
+    args = ["prepare", "chem", str(wide_csv), "--out", str(tmp_path / "out"), "--partners", "1"]
+    assert main([*args, "--audit-fraction", "0.5"]) == 2
+    assert capsys.readouterr().err == ("pharmafl: error: --audit-fraction must be at least 0 and below 0.5, got 0.5.\n")
+    assert not (tmp_path / "out").exists()
 
 
 # --- the real ChEMBL table --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pharmafl.binding_sites.model import IGNORE_INDEX, LoRASettings, encode_chai
 from pharmafl.core.errors import InputError
 from pharmafl.core.metrics import token_metrics
 from pharmafl.core.progress import StepCallback
+from pharmafl.privacy.dp_sgd import DPConfig, GhostClipper, PrivacyBudget
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
@@ -27,10 +28,12 @@ class BindingSiteConfig:
     """Local training hyper-parameters.
 
     ``grad_clip`` is the max gradient norm (0 turns clipping off); ``grad_noise_std`` adds N(0, std^2) noise to every
-    trainable gradient after clipping (0 = none); ``seed`` drives batch sampling and the noise. ``class_weight``
-    ``balanced`` weighs the cross-entropy of each class by n_residues / (2 n_class) over the site's training chains
-    (scikit-learn's ``balanced``, as in the public ESM-2 LoRA binding-site recipe): with ~5% binding residues an
-    unweighted loss predicts "not binding" everywhere for a long time. ``none`` is the plain cross-entropy.
+    trainable gradient after clipping (0 = none; noise on the batch's clipped gradient bounds no chain's influence:
+    DP-SGD is the ``dp`` settings, and neither applies under it); ``seed`` drives batch sampling and the noise.
+    ``class_weight`` ``balanced`` weighs the cross-entropy of each class by n_residues / (2 n_class) over the site's
+    training chains (scikit-learn's ``balanced``, as in the public ESM-2 LoRA binding-site recipe): with ~5% binding
+    residues an unweighted loss predicts "not binding" everywhere for a long time. ``none`` is the plain
+    cross-entropy.
     """
 
     learning_rate: float = 1e-3
@@ -57,14 +60,27 @@ class BindingSiteConfig:
             raise InputError(f"grad_noise_std must not be negative, got {self.grad_noise_std}.")
 
 
-#: the setting groups of an ESM-2 LoRA job's executor (``training: {...}``, ``lora: {...}``)
-SETTINGS = {"training": BindingSiteConfig, "lora": LoRASettings}
+#: the setting groups of an ESM-2 LoRA job's executor (``training: {...}``, ``lora: {...}``, ``dp: {...}``)
+SETTINGS = {"training": BindingSiteConfig, "lora": LoRASettings, "dp": DPConfig}
+
+
+def check_private(config: BindingSiteConfig, dp: DPConfig | None) -> None:
+    """Refuse settings that cannot go with DP-SGD."""
+    if dp is not None and dp.enabled and config.grad_noise_std > 0:
+        raise InputError("training.grad_noise_std cannot be combined with DP-SGD (the dp settings); set it to 0.")
 
 
 class BindingSiteTrainer:
     """Trains the trainable part (LoRA factors + classifier) of a PEFT ESM-2 token classifier on protein chains.
 
     The optimiser is created once, so its moments carry over between federated rounds.
+
+    With ``dp`` (DP-SGD, the privacy unit one protein chain) each step is a Poisson sample of the training chains
+    (rate ``batch_size`` / chains), each chain's gradient is clipped to ``dp.max_grad_norm`` and Gaussian noise is
+    added to every trainable parameter; ``grad_clip`` is then unused. Every trainable parameter must sit in an
+    ``nn.Linear`` (the LoRA factors and the token classifier do; LoRA on another kind of layer is refused). A DP
+    epoch is one round of ``local_steps`` steps: ``dp.epochs`` counts the rounds the budget is planned over.
+    The class weights (``class_weight balanced``) are counted from the training chains outside the guarantee.
     """
 
     def __init__(
@@ -73,6 +89,7 @@ class BindingSiteTrainer:
         tokenizer: EsmTokenizer,
         train_chains: Sequence[Chain],
         config: BindingSiteConfig | None = None,
+        dp: DPConfig | None = None,
     ):
         if not train_chains:
             raise InputError("no training chains: the site's train.jsonl is empty.")
@@ -87,6 +104,14 @@ class BindingSiteTrainer:
         self.steps_done = 0
         self.last_loss = float("nan")
         self.loss_weights = class_weights(self.chains) if self.config.class_weight == "balanced" else None
+        check_private(self.config, dp)
+        self.dp = dp if dp is not None and dp.enabled else None
+        self.clipper, self.budget = None, None
+        if self.dp:
+            self.clipper = GhostClipper(model, self.dp)
+            self.budget = PrivacyBudget(
+                self.dp, len(self.chains), self.config.batch_size, steps_per_epoch=self.config.local_steps or None
+            )
 
     def train(
         self,
@@ -98,6 +123,8 @@ class BindingSiteTrainer:
 
         ``progress(done, total, loss)`` is called after every step."""
         steps = self.config.local_steps if steps is None else steps
+        if self.budget is not None:
+            return self._train_private(steps, should_stop, progress)
         size = min(self.config.batch_size, len(self.chains))
         self.model.train()
         done = 0
@@ -125,6 +152,45 @@ class BindingSiteTrainer:
                 progress(done, steps, self.last_loss)
         self.steps_done += done
         return done
+
+    def _train_private(self, steps: int, should_stop: Callable[[], bool], progress: StepCallback | None) -> int:
+        """DP-SGD: ``steps`` Poisson-sampled batches of chains, each chain's gradient clipped, noise added; stops
+        when the privacy budget is spent."""
+        self.model.train()
+        budget, done = self.budget, 0
+        for picked in budget.poisson_batches(np.arange(len(self.chains)), self.rng, steps):
+            if should_stop() or budget.exhausted:
+                break
+            loss = self.clipper.step(
+                lambda picked=picked: self.per_chain_losses([self.chains[i] for i in picked]),
+                self.optimizer,
+                budget.expected_batch_size,
+                budget.noise_multiplier,
+            )
+            budget.steps += 1
+            done += 1
+            if np.isfinite(loss):  # an empty Poisson batch has no loss: the step was noise alone
+                self.last_loss = loss
+            if progress:
+                progress(done, steps, loss)
+        self.steps_done += done
+        return done
+
+    def per_chain_losses(self, chains: Sequence[Chain]) -> torch.Tensor:
+        """Each chain's cross-entropy, class-weighted as in training, averaged over its residues: the loss of one
+        record, the DP privacy unit (an empty list gives an empty tensor)."""
+        if not chains:
+            return torch.zeros(0)
+        batch = encode_chains(
+            self.tokenizer, [c.sequence for c in chains], [c.labels for c in chains], self.config.max_length
+        )
+        labels = batch.pop("labels")
+        logits = self.model(**batch).logits.float()
+        real = labels != IGNORE_INDEX
+        target = torch.where(real, labels, 0)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        weight = real.float() if self.loss_weights is None else self.loss_weights[target] * real
+        return (nll * weight).sum(1) / weight.sum(1).clamp(min=torch.finfo(weight.dtype).tiny)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.loss_weights is None:

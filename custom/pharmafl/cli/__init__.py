@@ -1,12 +1,12 @@
 """The ``pharmafl`` command: prepare, simulate, baseline, experiment, predict, report, bench, poc, submit,
-provision, approve, ledger; one module per command group."""
+provision, approve, ledger, privacy, audit; one module per command group."""
 
 from __future__ import annotations
 
 import sys
 
 from pharmafl import __version__
-from pharmafl.cli import baseline, bench, consortium, experiment, prepare, run
+from pharmafl.cli import baseline, bench, consortium, experiment, prepare, privacy, run
 from pharmafl.cli.common import Parser
 from pharmafl.core.errors import InputError
 
@@ -16,7 +16,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"pharmafl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    for group in (prepare, run, baseline, experiment, bench, consortium):
+    for group in (prepare, run, baseline, experiment, bench, consortium, privacy):
         group.register(commands)
     return parser
 

@@ -15,6 +15,13 @@ def cmd_bench_trunk(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_dp(args: argparse.Namespace) -> int:
+    from pharmafl.multitask.bench import bench_dp
+
+    print(json.dumps(bench_dp(args.data, args.steps, args.workdir, args.repeats)))
+    return 0
+
+
 def cmd_bench_fra_lora(args: argparse.Namespace) -> int:
     from pharmafl.aggregation.bench import bench_fra_lora
 
@@ -68,6 +75,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     trunk.add_argument("--rounds", type=int, default=3)
     trunk.add_argument("--workdir", default="runs/bench", help="scratch folder")
     trunk.set_defaults(func=cmd_bench_trunk)
+    dp = bench.add_parser("dp", help="DP-SGD step time vs the plain step of the multi-task trainer")
+    dp.add_argument("--json", action="store_true", help="print JSON (always on; kept for symmetry)")
+    dp.add_argument("--data", default=None, help="prepared data (default: ChEMBL, 3 partners, prepared once)")
+    dp.add_argument("--steps", type=int, default=30, help="steps timed per repeat")
+    dp.add_argument("--repeats", type=int, default=3)
+    dp.add_argument("--workdir", default="runs/bench", help="scratch folder")
+    dp.set_defaults(func=cmd_bench_dp)
+
     fra = bench.add_parser("fra-lora", help="factored vs dense FRA-LoRA aggregation at ESM-2 geometries")
     fra.add_argument("--json", action="store_true", help="print JSON (always on; kept for symmetry)")
     fra.add_argument("--geometries", nargs="+", default=["35M", "650M", "3B", "15B"])

@@ -40,6 +40,7 @@ def cmd_prepare_chem(args: argparse.Namespace) -> int:
         partition=args.partition,
         library_split=args.library_split,
         library_sizes=args.library_sizes,
+        audit_fraction=args.audit_fraction,
     )
     summary = prepare_chem(args.input or default_chem_input(), args.out, config, overwrite=args.overwrite)
     skipped = ", ".join(f"{k}={v}" for k, v in summary["skipped"].items())
@@ -125,6 +126,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         type=floats,
         default=None,
         help="--partition libraries: each partner's share, e.g. 0.5,0.3,0.2 (default: equal)",
+    )
+    chem.add_argument(
+        "--audit-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="share of compounds (0 <= F < 0.5, drawn by a hash of the SMILES keyed with --fold-secret, the same "
+        "for any partner count) kept with their labels but never trained on: 0.1 reserves 10%% of compounds for "
+        "`pharmafl audit membership`; 0 keeps the results in docs/RESULTS.md reproducible",
     )
     chem.set_defaults(func=cmd_prepare_chem)
 

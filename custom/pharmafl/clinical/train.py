@@ -2,6 +2,11 @@
 
 Plain PyTorch with no FLARE import: ``pharmafl.clinical.mortality`` runs it on one site alone, and the FLARE
 Client API script (``pharmafl.flare.mortality_client``) runs the same functions round after round.
+
+With DP-SGD (a ``DPConfig``; the privacy unit is one ICU stay) each step is a Poisson sample of the training stays,
+each stay's gradient is clipped and Gaussian noise is added (``pharmafl.privacy.dp_sgd``). Outside the guarantee:
+the site's own standardisation statistics (when no federated statistics are given) and the class ratio behind the
+positive weight, both counted from the training stays.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch import nn
 
 from pharmafl.clinical.prepare import APACHE, LABEL, SPLIT, STAYS_FILE, feature_names
 from pharmafl.core.errors import InputError
+from pharmafl.privacy.dp_sgd import DPConfig, GhostClipper, PrivacyBudget
 
 MODELS = ("logistic", "mlp")
 WEIGHTINGS = ("samples", "uniform")
@@ -187,12 +193,19 @@ def train_epochs(
     epochs: int,
     rng: np.random.Generator,
     extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    private: tuple[GhostClipper, PrivacyBudget] | None = None,
 ) -> int:
-    """``epochs`` epochs of Adam on weighted binary cross-entropy (+ ``extra_loss``, e.g. FedProx); returns steps."""
+    """``epochs`` epochs of Adam on weighted binary cross-entropy (+ ``extra_loss``, e.g. FedProx); returns steps.
+
+    ``private`` (the clipper and budget of ``model``): DP-SGD, ``budget.steps_per_epoch`` Poisson-sampled steps per
+    epoch, stopping when the budget is spent. ``extra_loss`` must then depend on no stay (FedProx's distance to the
+    global model does not): its gradient is added to the noised gradient, unclipped, which costs no privacy."""
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
     inputs, targets = torch.from_numpy(X), torch.from_numpy(y.astype(np.float32))
     model.train()
+    if private is not None:
+        return _train_private(model, inputs, targets, optimizer, pos_weight, epochs, rng, private, extra_loss)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float32))
     steps = 0
     for _ in range(epochs):
         order = rng.permutation(len(y))
@@ -206,6 +219,54 @@ def train_epochs(
             optimizer.step()
             steps += 1
     return steps
+
+
+def _train_private(model, inputs, targets, optimizer, pos_weight, epochs, rng, private, extra_loss) -> int:
+    clipper, budget = private
+    weight = torch.tensor(pos_weight, dtype=torch.float32)
+
+    def per_stay_losses(rows: np.ndarray) -> torch.Tensor:
+        """Each stay's weighted binary cross-entropy: the loss of one record, the DP privacy unit."""
+        if len(rows) == 0:
+            return torch.zeros(0)
+        rows = torch.from_numpy(rows)
+        logits = model(inputs[rows]).squeeze(-1)
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits, targets[rows], pos_weight=weight, reduction="none"
+        )
+
+    if extra_loss is not None:
+        optimizer = _WithRecordFreeLoss(optimizer, model, extra_loss)
+    steps = 0
+    for _ in range(epochs):
+        for rows in budget.poisson_batches(np.arange(len(targets)), rng, budget.steps_per_epoch):
+            if budget.exhausted:
+                return steps
+            clipper.step(lambda rows=rows: per_stay_losses(rows), optimizer, budget.expected_batch_size,
+                         budget.noise_multiplier)  # fmt: skip
+            budget.steps += 1
+            steps += 1
+    return steps
+
+
+class _WithRecordFreeLoss:
+    """An optimizer that adds the gradient of a loss depending on no record (FedProx's proximal term) to the DP-SGD
+    gradient before it steps: post-processing of the noised gradient, so neither clipped nor noised."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, loss: Callable[[nn.Module], torch.Tensor]):
+        self.optimizer, self.model, self.loss = optimizer, model, loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(self.loss(self.model), parameters, allow_unused=True)
+        with torch.no_grad():
+            for parameter, grad in zip(parameters, grads, strict=True):
+                if grad is not None:
+                    parameter.grad.add_(grad)
+        self.optimizer.step()
 
 
 @torch.no_grad()
@@ -256,10 +317,21 @@ def scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 
 class MortalityTrainer:
-    """One site's model and data: the positive weight is chosen on its validation split once, then kept."""
+    """One site's model and data: the positive weight is chosen on its validation split once, then kept.
 
-    def __init__(self, site: SiteStays, config: MortalityConfig, standardizer: Standardizer | None = None):
+    With ``dp`` (DP-SGD, one ICU stay the privacy unit) ``pos_weight auto`` is ``balanced``: choosing it on the
+    validation split trains three models on the training stays outside the budget. ``budget`` is what was spent.
+    """
+
+    def __init__(
+        self,
+        site: SiteStays,
+        config: MortalityConfig,
+        standardizer: Standardizer | None = None,
+        dp: DPConfig | None = None,
+    ):
         self.site, self.config = site, config
+        self.dp = dp if dp is not None and dp.enabled else None
         X_train, self.y_train = site.part("train")
         if len(self.y_train) == 0:
             raise InputError(f"site {site.name} has no training stays.")
@@ -269,10 +341,16 @@ class MortalityTrainer:
         self.rng = np.random.default_rng(config.seed)
         self.model = make_model(self.X.shape[1], config)
         self.pos_weight = self._choose_pos_weight()
+        self.clipper, self.budget = None, None
+        if self.dp:
+            self.clipper = GhostClipper(self.model, self.dp)
+            self.budget = PrivacyBudget(self.dp, len(self.y_train), config.batch_size)
 
     def _choose_pos_weight(self) -> float:
         if self.config.pos_weight != "auto":
             return positive_weight(self.config.pos_weight, self.y_train)
+        if self.dp:
+            return positive_weight("balanced", self.y_train)
         rows = self.site.split == "validation"
         if len(np.unique(self.site.y[rows])) < 2:  # no validation death to choose by: the balanced weight
             return positive_weight("balanced", self.y_train)
@@ -288,10 +366,25 @@ class MortalityTrainer:
         return positive_weight(best, self.y_train)
 
     def train(self, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> int:
+        """``local_epochs`` epochs (DP-SGD: fewer once the budget is spent); returns the steps taken."""
+        private = (self.clipper, self.budget) if self.budget is not None else None
         return train_epochs(
             self.model, self.X_train, self.y_train, self.config, self.pos_weight, self.config.local_epochs, self.rng,
-            extra_loss,
+            extra_loss, private,
         )  # fmt: skip
+
+    def model_copy(self) -> MortalityNet:
+        """A model with this one's current weights (FedProx's global model); a deep copy would also copy the DP
+        clipper that hooks into the model, with the last step's graph."""
+        copy = make_model(self.X.shape[1], self.config)
+        copy.load_state_dict(self.model.state_dict())
+        return copy
+
+    def privacy(self) -> dict | None:
+        """What DP-SGD has spent (epsilon, delta, noise, steps), or None without DP."""
+        if self.budget is None:
+            return None
+        return {**self.budget.summary(), "privacy_unit": "one ICU stay of this site"}
 
     def evaluate(self, split: str = "test", site: SiteStays | None = None) -> dict:
         """Scores on ``split`` of this trainer's site (or of ``site``), and APACHE IVa's on the stays of that

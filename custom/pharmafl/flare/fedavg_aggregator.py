@@ -30,6 +30,7 @@ from pharmafl.aggregation.weighted_mean import (
     weighted_mean,
 )
 from pharmafl.flare.run_records import append_run_record
+from pharmafl.flare.site_executor import PRIVACY_BUDGET_SPENT
 
 CONTRIBUTIONS_LOG = "contributions.jsonl"
 DEFAULT_MAX_WEIGHT = 1e6
@@ -106,8 +107,10 @@ class CheckedAggregator(Aggregator):
             sender_problem(authenticated, claimed)
             or self.task_problem(shareable, fl_ctx)
             or self.round_problem(received, fl_ctx)
-            or self.content_problem(dxo, fl_ctx)
         )
+        if not problem and dxo.get_meta_prop(PRIVACY_BUDGET_SPENT) and not dxo.data:
+            return self._reject(fl_ctx, received, "privacy budget spent: the site sent no update")
+        problem = problem or self.content_problem(dxo, fl_ctx)
         weight, weight_issue = self.weight_of(dxo)
         if problem or weight_issue:
             return self._reject(fl_ctx, received, problem or weight_issue)

@@ -110,6 +110,10 @@ JOBS: dict[str, JobDefinition] = {
         {"clip": 4.0, "max_weight": 1000.0, "modulus_bits": 64},
         fra_lora=True,
     ),
+    # DP-SGD at every site (sample-level, RDP accountant): epsilon 8 over the job's 13 rounds, delta 1/N per site
+    "multitask_dp": JobDefinition(
+        "multitask", {**MULTITASK_ARGS, "dp": {"target_epsilon": 8.0, "max_grad_norm": 1.0}}, 13, 3, meta=TRUNK_ONLY
+    ),
     "eicu_fedavg": JobDefinition("eicu", {}, 10, 4),  # the four regions; FedProx: --set fedprox_mu=0.01
     # FLARE's federated statistics of the eICU features (one pass, no rounds): the training job standardises with it
     "eicu_statistics": JobDefinition("statistics", {"min_count": MIN_COUNT}, 1, 4),
@@ -156,8 +160,9 @@ def resolve_settings(name: str, values: dict) -> tuple[dict, dict | None]:
     spec = definition(name)
     if spec.family == "eicu":  # the training script's settings (its command line), and the global statistics
         from pharmafl.clinical.train import MortalityConfig
+        from pharmafl.privacy.dp_sgd import DPConfig
 
-        groups = {"training": field_types(MortalityConfig)}
+        groups = {"training": field_types(MortalityConfig), "dp": field_types(DPConfig)}
         return apply_settings(dict(spec.executor_args), values, groups, {"statistics": str}, name), None
     if spec.family == "statistics":  # FLARE's privacy filter: the fewest observed values a site reports
         return apply_settings(dict(spec.executor_args), values, {}, {"min_count": int}, name), None
@@ -183,9 +188,10 @@ def build_job(name: str, options: JobOptions | None = None) -> FedJob:
         raise InputError(f"a job needs at least one round and one site, got {rounds} rounds and {sites} sites.")
     try:
         if spec.family == "eicu":
-            return _eicu(name, args.get("training"), args.get("statistics", ""), rounds, sites)
+            return _eicu(name, args.get("training"), args.get("statistics", ""), rounds, sites, args.get("dp"))
         if spec.family == "statistics":
             return _eicu_statistics(name, args["min_count"], sites)
+        args = _planned_dp_epochs(args, rounds)
         executor = executor_class(spec.family)(**args)
         if spec.family == "multitask":
             return _multitask(name, spec, executor, rounds, sites, secure_sum, options)
@@ -194,6 +200,18 @@ def build_job(name: str, options: JobOptions | None = None) -> FedJob:
         if isinstance(err, InputError):
             raise
         raise InputError(f"{name} refuses its settings: {err}") from err
+
+
+def _planned_dp_epochs(args: dict, rounds: int) -> dict:
+    """A DP budget given as a target epsilon alone is spread over the run: rounds x local epochs (``dp.epochs``).
+
+    An ESM-2 site has no local epochs: its DP epoch is one round of ``local_steps`` steps, so ``dp.epochs`` is the
+    rounds (``training`` has no ``local_epochs`` there)."""
+    dp = args.get("dp") or {}
+    if dp.get("target_epsilon") is None or dp.get("noise_multiplier") is not None or dp.get("epochs") is not None:
+        return args
+    epochs = rounds * int((args.get("training") or {}).get("local_epochs", 1))
+    return {**args, "dp": {**dp, "epochs": epochs}}
 
 
 def export_job(name: str, out_root: str | Path, options: JobOptions | None = None) -> Path:
@@ -347,16 +365,22 @@ def _esm(name, spec, executor, rounds, sites, secure_sum, options) -> FedJob:
     return job
 
 
-def _eicu(name: str, training: dict | None, statistics: str, rounds: int, sites: int) -> FedJob:
+def _eicu(name: str, training: dict | None, statistics: str, rounds: int, sites: int, dp: dict | None = None) -> FedJob:
     """FLARE's FedAvg controller, the Client API script under FLARE's script runner, and a final evaluation of the
     global model at every site (FLARE's cross-site evaluation without local models, as its recipes add it).
 
-    ``statistics``: the federated statistics the sites standardise with (empty: each site its own)."""
+    ``statistics``: the federated statistics the sites standardise with (empty: each site its own). ``dp``: DP-SGD
+    at every site (``--set dp.NAME=VALUE``), passed to the script as ``--dp-NAME VALUE``; a target epsilon alone is
+    planned over rounds x local epochs."""
     # imported here, as the executors are: the clinical code brings scikit-learn with it
+    from pharmafl.clinical.mortality import DP_PREFIX
     from pharmafl.clinical.train import MortalityConfig, MortalityNet, n_inputs
     from pharmafl.flare import mortality_client
+    from pharmafl.privacy.dp_sgd import DPConfig
 
     config = settings(MortalityConfig, training, "training")
+    dp = _planned_dp_epochs({"dp": dp or {}, "training": {"local_epochs": config.local_epochs}}, rounds)["dp"]
+    dp_config = settings(DPConfig, dp, "dp")
     job = FedJob(name=name, min_clients=sites)
     job.set_app_packages(["pharmafl"])  # the script imports the installed package: nothing else is copied
     model = MortalityNet(n_inputs(), config.model, config.hidden, config.seed)
@@ -368,7 +392,8 @@ def _eicu(name: str, training: dict | None, statistics: str, rounds: int, sites:
         CrossSiteModelEval(model_locator_id="model_locator", submit_model_task_name="", validation_timeout=600),
         id="final_evaluation",
     )
-    train_args = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in non_default(config).items())
+    given = {**non_default(config), **{DP_PREFIX + key: value for key, value in non_default(dp_config).items()}}
+    train_args = " ".join(f"--{key.replace('_', '-')} {value}" for key, value in given.items())
     if statistics:  # found here: the file itself, absolute; else as given (a site resolves it under its data root)
         with contextlib.suppress(InputError):
             statistics = str(statistics_file(statistics).resolve())

@@ -7,6 +7,7 @@ training uploads (``train_round``), how it scores a model (``evaluate``) and wha
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 
@@ -23,6 +24,10 @@ from nvflare.app_common.app_constant import AppConstants
 from pharmafl.core.errors import InputError
 from pharmafl.core.paths import DATA_ENV
 from pharmafl.core.progress import PROGRESS_TAG, TASK_FAILED, StepReporter
+from pharmafl.privacy.dp_sgd import PRIVACY_FILE
+
+#: meta key of a training reply from a site whose DP budget is spent: it sends no update (aggregators skip it)
+PRIVACY_BUDGET_SPENT = "pharmafl_privacy_budget_spent"
 
 
 def site_data_dir(data_root: str, site: str) -> str:
@@ -104,6 +109,18 @@ class SiteTrainingExecutor(Executor):
         self.last_round = current_round
         say = lambda line: self.log_info(fl_ctx, f"{PROGRESS_TAG} {line}")  # noqa: E731
         self.progress = StepReporter(say, prefix=f"{site} round {current_round} ")
+        budget = getattr(trainer, "budget", None)
+        if budget is not None and budget.exhausted:
+            self.log_info(
+                fl_ctx,
+                f"{PROGRESS_TAG} {site} round {current_round}: privacy budget spent (epsilon {budget.epsilon:.3f} of "
+                f"{budget.config.target_epsilon}, delta {budget.delta:.2g}); no further training, nothing uploaded",
+            )
+            return DXO(
+                data_kind=self.upload_kind,
+                data={},
+                meta={MetaKey.NUM_STEPS_CURRENT_ROUND: 0, PRIVACY_BUDGET_SPENT: True},
+            ).to_shareable()
         steps, upload = self.train_round(trainer, fl_ctx, abort_signal)
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
@@ -117,6 +134,29 @@ class SiteTrainingExecutor(Executor):
         return DXO(
             data_kind=self.upload_kind, data=upload, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}
         ).to_shareable()
+
+    def record_privacy(self, budget, fl_ctx: FLContext) -> None:
+        """After a round of DP-SGD: epsilon to TensorBoard and the log, the spending to the run folder."""
+        summary = budget.summary()
+        if self.log_writer is not None:
+            self.log_writer.add_scalar("privacy/epsilon", summary["epsilon"], global_step=self.last_round)
+        with open(os.path.join(self.run_dir, PRIVACY_FILE), "w") as f:
+            json.dump({**summary, "state": budget.state()}, f, indent=2)
+        spent = " (budget spent: this site stops training)" if summary["exhausted"] else ""
+        self.log_info(
+            fl_ctx,
+            f"{PROGRESS_TAG} {fl_ctx.get_identity_name()} round {self.last_round}: DP-SGD epsilon "
+            f"{summary['epsilon']:.3f} at delta {summary['delta']:.2g} after {summary['steps']} steps "
+            f"(noise multiplier {summary['noise_multiplier']:.3f}, target {summary['target_epsilon']}){spent}",
+        )
+
+    def resume_privacy(self, budget, fl_ctx: FLContext) -> None:
+        """A restarted run resumes what its site had spent, never a fresh budget."""
+        path = os.path.join(self.run_dir, PRIVACY_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                budget.load_state(json.load(f)["state"])
+            self.log_info(fl_ctx, f"resumed the DP budget: {budget.steps} steps already spent")
 
     def evaluate_and_stream(self, trainer, step: int) -> dict[str, dict]:
         """``evaluate``, streamed to the server's TensorBoard at ``step`` as ``<set>/<metric>``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import verify_checksums
 
 REQUIRED_FILES = ("X.npz", "Y.npz", "folds.npy", "tasks.csv", "manifest.json")
+AUDIT_FILE = "audit.npy"  # optional: preparations made before the audit hold-out have none
 # Censoring of a regression value: measured, or only a bound (">": a lower bound, "<": an upper bound).
 CENSOR_EXACT, CENSOR_ABOVE, CENSOR_BELOW = 1, 2, 3
 
@@ -44,6 +45,9 @@ class SiteData:
 
     `values` holds the continuous measurement behind a label where one exists (for a regression head);
     its own sparsity pattern says which labels have one, stored zeros included.
+
+    `audit_rows` are the sorted rows of the audit hold-out (`PrepareConfig.audit_fraction`): compounds that keep
+    their labels and folds but are never trained on, the non-members of a membership-inference audit.
     """
 
     X: sp.csr_matrix
@@ -54,6 +58,7 @@ class SiteData:
     path: str
     values: sp.csr_matrix | None = None
     regression: RegressionData | None = None  # None: prepared before regression tasks existed
+    audit_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def n_features(self) -> int:
@@ -111,11 +116,47 @@ def load_site(path: str, verify: bool = False) -> SiteData:
     if Y.nnz and not np.isin(Y.data, (-1, 1)).all():
         problems.append("Y holds labels other than +1 and -1")
     regression = _load_regression(folder, X.shape[0], problems)
+    audit_rows = _load_audit_rows(folder, manifest, X.shape[0], problems)
     if problems:
         raise InputError(f"The prepared data at '{path}' is inconsistent ({'; '.join(problems)}); prepare it again.")
     return SiteData(
-        X=X, Y=Y, folds=folds, tasks=tasks, manifest=manifest, path=str(path), values=values, regression=regression
+        X=X,
+        Y=Y,
+        folds=folds,
+        tasks=tasks,
+        manifest=manifest,
+        path=str(path),
+        values=values,
+        regression=regression,
+        audit_rows=audit_rows,
     )
+
+
+def _load_audit_rows(folder: Path, manifest: dict, n_compounds: int, problems: list[str]) -> np.ndarray:
+    """The audit hold-out's rows, sorted; none for a folder prepared before the hold-out existed."""
+    none = np.zeros(0, dtype=np.int64)
+    manifest = manifest if isinstance(manifest, dict) else {}
+    checksums = manifest.get("sha256")
+    listed = AUDIT_FILE in checksums if isinstance(checksums, dict) else False
+    if not (folder / AUDIT_FILE).is_file():
+        if listed or manifest.get("n_audit"):  # a deleted hold-out would silently be trained on
+            problems.append(f"{AUDIT_FILE} is missing but the manifest lists it")
+        return none
+    try:
+        rows = np.load(folder / AUDIT_FILE, allow_pickle=False)
+    except (ValueError, OSError):
+        raise InputError(f"The audit hold-out at '{folder / AUDIT_FILE}' is damaged; prepare it again.") from None
+    if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+        problems.append(f"{AUDIT_FILE} is not a list of row indices")
+    elif len(rows) and (rows.min() < 0 or rows.max() >= n_compounds):
+        problems.append(f"{AUDIT_FILE} points outside the {n_compounds} compounds")
+    elif len(np.unique(rows)) != len(rows):
+        problems.append(f"{AUDIT_FILE} lists a row twice")
+    elif "n_audit" in manifest and manifest["n_audit"] != len(rows):
+        problems.append(f"{AUDIT_FILE} lists {len(rows)} rows but the manifest says {manifest['n_audit']}")
+    else:
+        return np.sort(rows).astype(np.int64, copy=False)
+    return none
 
 
 def _load_regression(folder: Path, n_compounds: int, problems: list[str]) -> RegressionData | None:

@@ -2,14 +2,16 @@
 
 The pipeline: read a wide (one column per assay) or long (smiles, task, value[, qualifier]) CSV, parse
 labels, standardise and featurise every distinct SMILES once, merge duplicate structures, threshold
-continuous activities into classification tasks, assign scaffold folds with a keyed hash, split the
-assays between simulated partners and write one folder per partner. Everything skipped is counted.
+continuous activities into classification tasks, assign scaffold folds with a keyed hash, draw the audit
+hold-out with another keyed hash, split the assays between simulated partners and write one folder per
+partner. Everything skipped is counted.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import hmac
 import json
 import shutil
 import time
@@ -45,6 +47,7 @@ SITE_FILES = (
     "compounds.csv",
     "regression.npz",
     "regression_tasks.csv",
+    "audit.npy",
 )
 
 MISSING_TOKENS = {"", "na", "nan", "n/a", "null", "none"}
@@ -68,8 +71,12 @@ PROGRESS_EVERY = 2000
 class PrepareConfig:
     """Options of `prepare_chem`.
 
-    `fold_secret` keys the scaffold-to-fold hash. The default is public and only fit for demos: a
-    consortium must choose its own secret and share it only among its partners.
+    `fold_secret` keys the scaffold-to-fold hash and the audit hold-out. The default is public and only fit
+    for demos: a consortium must choose its own secret and share it only among its partners.
+
+    `audit_fraction` of the compounds (drawn per canonical SMILES, see `audit_draw`) form the audit hold-out:
+    they keep their labels and folds, and training leaves them out, so a membership-inference audit has
+    non-members from the training distribution. 0 (no hold-out) reproduces preparations made before it existed.
     """
 
     sites: list[str]
@@ -101,6 +108,7 @@ class PrepareConfig:
     partition: str = "assays"
     library_split: str = "scaffold"  # "scaffold" (whole Murcko-scaffold groups) or "random"
     library_sizes: tuple[float, ...] | None = None  # one share per site (normalised); None: equal libraries
+    audit_fraction: float = 0.0  # share of compounds held out of training for `pharmafl audit membership`
 
 
 @dataclass
@@ -185,6 +193,7 @@ def prepare_chem(
         [fold_of_scaffold.setdefault(s, fold_for_scaffold(s, config.fold_secret, config.n_folds)) for s in scaffolds],
         dtype=np.int8,
     )
+    audit = audit_holdout(compounds, config.fold_secret, config.audit_fraction)
     tasks = _threshold_tasks(pairs, labels.assay_binary, labels.assay_names, config.thresholds)
 
     assays = np.unique(pairs["assay"].to_numpy())  # assays with at least one label left
@@ -234,6 +243,7 @@ def prepare_chem(
                 ],
                 x_all,
                 folds,
+                audit,
                 compounds,
                 labels.assay_names,
                 config,
@@ -242,7 +252,7 @@ def prepare_chem(
             s = site_summaries[site]
             say(
                 f"{site}: {s['compounds']} compounds, {s['tasks']} tasks ({s['tasks_eval']} evaluable), "
-                f"{s['labels']} labels"
+                f"{s['labels']} labels, {s['audit_compounds']} compounds in the audit hold-out"
             )
 
         in_sites = np.unique(np.concatenate([tasks[i].compound for ids in site_tasks.values() for i in ids]))
@@ -269,6 +279,7 @@ def prepare_chem(
             "empty_columns": labels.empty_columns,
             "compounds": len(compounds),
             "compounds_in_sites": int(len(in_sites)),
+            "audit_compounds_in_sites": int(audit[in_sites].sum()),
             "assays": int(len(assays)),
             "binary_assays": int(labels.assay_binary[assays].sum()),
             "labels": int(sum(len(t.label) for t in tasks)),
@@ -328,6 +339,8 @@ def _validate_config(config: PrepareConfig) -> None:
         raise InputError(f"max_compounds must be at least 1, got {config.max_compounds}.")
     if not config.fold_secret:
         raise InputError("The fold secret cannot be empty.")
+    if not 0 <= config.audit_fraction < 0.5:
+        raise InputError(f"--audit-fraction must be at least 0 and below 0.5, got {config.audit_fraction}.")
 
 
 def _resolve_input(input_path: str, say: Callable[[str], None]) -> Path:
@@ -785,6 +798,24 @@ def _task_statistics(tasks: list[_Task], folds: np.ndarray, config: PrepareConfi
     return stats
 
 
+def audit_draw(smiles: str, secret: str) -> float:
+    """A compound's audit draw in [0, 1): HMAC-SHA256(secret, "audit:" + canonical SMILES), top 53 bits / 2**53.
+
+    A compound is held out iff its draw is below the audit fraction, so every preparation of the same input with
+    the same secret and fraction (any partner count, the pooled one included) holds out the same compounds, and a
+    larger fraction holds out a superset. The prefix keeps the draw apart from the scaffold-fold hash.
+    """
+    digest = hmac.new(secret.encode("utf-8"), f"audit:{smiles}".encode(), hashlib.sha256).digest()
+    return (int.from_bytes(digest[:8], "big") >> 11) / 2**53
+
+
+def audit_holdout(compounds: list[str], secret: str, fraction: float) -> np.ndarray:
+    """Boolean per compound (canonical SMILES): in the audit hold-out (see `audit_draw`)."""
+    if fraction <= 0:
+        return np.zeros(len(compounds), dtype=bool)
+    return np.fromiter((audit_draw(s, secret) < fraction for s in compounds), dtype=bool, count=len(compounds))
+
+
 def fingerprint_matrix(fingerprints: list[np.ndarray], n_bits: int) -> sp.csr_matrix:
     """Compounds x bits CSR matrix of ones from each compound's sorted on-bit indices."""
     lengths = np.array([len(f) for f in fingerprints], dtype=np.int64)
@@ -802,12 +833,16 @@ def _write_site(
     regression: list[_Task],
     x_all: sp.csr_matrix,
     folds: np.ndarray,
+    audit: np.ndarray,
     compounds: list[str],
     assay_names: list[str],
     config: PrepareConfig,
     source: dict,
 ) -> dict:
-    """Write one partner's folder; rows are the compounds with a label on one of its tasks."""
+    """Write one partner's folder; rows are the compounds with a label on one of its tasks.
+
+    ``audit.npy`` lists the rows in the audit hold-out (``audit``, per compound), sorted; they stay in every file.
+    """
     rows = np.unique(np.concatenate([t.compound for t in tasks]))
     position = [np.searchsorted(rows, t.compound) for t in tasks]
     column = [np.full(len(t.compound), j) for j, t in enumerate(tasks)]
@@ -843,6 +878,8 @@ def _write_site(
     sp.save_npz(folder / "Y.npz", y)
     sp.save_npz(folder / "values.npz", values)
     np.save(folder / "folds.npy", folds[rows])
+    audit_rows = np.flatnonzero(audit[rows]).astype(np.int64)
+    np.save(folder / "audit.npy", audit_rows)
     table.to_csv(folder / "tasks.csv", index=False)
     pd.DataFrame({"smiles": [compounds[i] for i in rows]}).to_csv(folder / "compounds.csv", index=False)
     manifest = {
@@ -852,6 +889,8 @@ def _write_site(
         "n_tasks": len(tasks),
         "n_tasks_evaluate": int(table["evaluate"].sum()),
         "n_labels": int(y.nnz),
+        "audit_fraction": float(config.audit_fraction),
+        "n_audit": int(len(audit_rows)),
         "partition": config.partition,
         "n_bits": config.n_bits,
         "radius": config.radius,
@@ -881,6 +920,7 @@ def _write_site(
         "assays": int(table["assay"].nunique()),
         "regression_tasks": manifest["n_regression_tasks"],
         "regression_tasks_eval": manifest["n_regression_tasks_evaluate"],
+        "audit_compounds": manifest["n_audit"],
     }
 
 

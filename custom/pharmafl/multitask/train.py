@@ -20,6 +20,7 @@ from pharmafl.core.progress import StepCallback
 from pharmafl.multitask.conformal import conformal_summary
 from pharmafl.multitask.dataset import CENSOR_ABOVE, CENSOR_BELOW, CENSOR_EXACT, SiteData
 from pharmafl.multitask.model import MultiTaskNet, TrunkConfig
+from pharmafl.privacy.dp_sgd import DPConfig, GhostClipper, PrivacyBudget
 
 
 @dataclass
@@ -46,8 +47,8 @@ class TrainConfig:
             raise ValueError(f"regression_weight must be a finite number >= 0, got {self.regression_weight}")
 
 
-#: the setting groups of a multi-task job's executor (``training: {...}``, ``trunk: {...}``)
-SETTINGS = {"training": TrainConfig, "trunk": TrunkConfig}
+#: the setting groups of a multi-task job's executor (``training: {...}``, ``trunk: {...}``, ``dp: {...}``)
+SETTINGS = {"training": TrainConfig, "trunk": TrunkConfig, "dp": DPConfig}
 
 
 def sparse_batch(X: sparse.csr_matrix, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,10 +98,23 @@ class _Optimizers:
             optimizer.step()
 
 
-def make_optimizer(model: MultiTaskNet, config: TrainConfig) -> _Optimizers:
+def make_optimizer(model: MultiTaskNet, config: TrainConfig, private: bool = False) -> _Optimizers:
     """Adam, lazily on the sparse input layer (only the rows of bits present in a batch are updated:
     4x faster than dense Adam over 32k x hidden at the same accuracy) and densely elsewhere.
-    ``weight_decay`` applies to the dense layers."""
+    ``weight_decay`` applies to the dense layers. Under DP-SGD (``private``) every row gets noise in every step,
+    so the input layer's gradient is dense and one dense Adam steps everything."""
+    if private:
+        sparse_ids = {id(model.trunk.input.weight)}
+        return _Optimizers(
+            torch.optim.Adam(
+                [
+                    {"params": [model.trunk.input.weight], "weight_decay": 0.0},
+                    {"params": [p for p in model.parameters() if id(p) not in sparse_ids]},
+                ],
+                lr=config.learning_rate,
+                weight_decay=config.weight_decay,
+            )
+        )
     sparse_params = [p for p in model.parameters() if p is model.trunk.input.weight]
     dense_params = [p for p in model.parameters() if p is not model.trunk.input.weight]
     return _Optimizers(
@@ -112,7 +126,7 @@ def make_optimizer(model: MultiTaskNet, config: TrainConfig) -> _Optimizers:
 class MultiTaskTrainer:
     """Holds one partner's model and optimizer; trains epochs and evaluates folds."""
 
-    def __init__(self, data: SiteData, config: TrainConfig, trunk: TrunkConfig):
+    def __init__(self, data: SiteData, config: TrainConfig, trunk: TrunkConfig, dp: DPConfig | None = None):
         if trunk.n_features != data.n_features:
             raise InputError(
                 f"the trunk expects {trunk.n_features} fingerprint bits but the data at {data.path} has "
@@ -124,8 +138,9 @@ class MultiTaskTrainer:
         if config.validation_fold == test_fold:
             raise ValueError(f"validation_fold {config.validation_fold} is the test fold; pick another fold")
         self.test_fold = test_fold
-        self.train_rows = data.rows_in_folds(
-            f for f in np.unique(data.folds) if f not in (test_fold, config.validation_fold)
+        self.train_rows = np.setdiff1d(
+            data.rows_in_folds(f for f in np.unique(data.folds) if f not in (test_fold, config.validation_fold)),
+            data.audit_rows,  # the audit hold-out: never trained on (``prepare chem --audit-fraction``)
         )
         if len(self.train_rows) == 0:
             raise ValueError(f"site at {data.path} has no training compounds outside the test/validation folds")
@@ -142,7 +157,14 @@ class MultiTaskTrainer:
         )
         if self.regression:
             self._standardise_regression_targets()
-        self.optimizer = make_optimizer(self.model, config)
+        self.dp = dp if dp is not None and dp.enabled else None
+        self.clipper, self.budget = None, None
+        if self.dp:
+            if self.regression:
+                raise InputError("DP-SGD does not train the regression head yet; set regression_weight to 0.")
+            self.clipper = GhostClipper(self.model, self.dp, {self.model.trunk.input: self.model.trunk.input_bias})
+            self.budget = PrivacyBudget(self.dp, len(self.train_rows), config.batch_size)
+        self.optimizer = make_optimizer(self.model, config, private=self.dp is not None)
         self.rng = np.random.default_rng(config.seed)
         # Dropout draws from torch's global generator: keep this trainer's own stream of it, so a
         # trainer's result does not depend on what other trainers in the process did in between.
@@ -165,6 +187,8 @@ class MultiTaskTrainer:
         return steps
 
     def _train(self, epochs: int, should_stop: Callable[[], bool], progress: StepCallback | None) -> int:
+        if self.budget is not None:
+            return self._train_private(epochs, should_stop, progress)
         self.model.train()
         steps = 0
         labels = self.data.Y
@@ -192,6 +216,40 @@ class MultiTaskTrainer:
                     progress(steps, total, float(loss.detach()))
             self.epochs_done += 1
         return steps
+
+    def _train_private(self, epochs: int, should_stop: Callable[[], bool], progress: StepCallback | None) -> int:
+        """DP-SGD: Poisson-sampled batches (about ``batch_size``), each compound's gradient clipped, noise added; stops
+        when the privacy budget is spent."""
+        self.model.train()
+        steps, budget = 0, self.budget
+        total = epochs * budget.steps_per_epoch
+        for _ in range(epochs):
+            for rows in budget.poisson_batches(self.train_rows, self.rng, budget.steps_per_epoch):
+                if should_stop() or budget.exhausted:
+                    return steps
+                loss = self.clipper.step(
+                    lambda rows=rows: self.per_compound_losses(rows),
+                    self.optimizer,
+                    budget.expected_batch_size,
+                    budget.noise_multiplier,
+                )
+                budget.steps += 1
+                steps += 1
+                if progress:
+                    progress(steps, total, loss)
+            self.epochs_done += 1
+        return steps
+
+    def per_compound_losses(self, rows: np.ndarray) -> torch.Tensor:
+        """Each compound's mean BCE over its observed labels: the loss of one record, the DP privacy unit."""
+        if len(rows) == 0:
+            return torch.zeros(0)
+        indices, offsets = sparse_batch(self.data.X, rows)
+        y = torch.from_numpy(self.data.Y[rows].toarray().astype(np.float32))
+        observed = (y != 0).float()
+        logits = self.model(indices, offsets)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, (y > 0).float(), reduction="none")
+        return (bce * observed).sum(1) / observed.sum(1).clamp(min=1)
 
     def _standardise_regression_targets(self) -> None:
         """Each regression task's mean and std over its measured training values (bounds included when a task

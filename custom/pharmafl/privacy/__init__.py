@@ -1,0 +1,1 @@
+"""Differential privacy and privacy audits: accounting, DP-SGD, membership inference (no FLARE)."""
