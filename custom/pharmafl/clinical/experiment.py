@@ -59,7 +59,8 @@ def run_eicu_experiment(
                 JOB, data, folder / "federated", rounds, threads, executor_overrides=settings, quiet=True
             )
             progress(f"seed {seed}: baselines ({result['wall_s']:.0f} s federated)")
-            baseline_settings = {k: v for k, v in settings.items() if k != "statistics"}  # their own standardisers
+            # their own standardisers; and no DP: with --set dp.* the baselines stay the non-private references
+            baseline_settings = {k: v for k, v in settings.items() if k != "statistics" and not k.startswith("dp.")}
             for mode in ("local", "centralized"):  # as many rounds x local epochs as the federation
                 run_eicu_baseline(data, folder / mode, job_dir(JOB), mode, rounds, baseline_settings)
             summary = build_eicu_summary(folder / "federated", [folder / "local", folder / "centralized"])
