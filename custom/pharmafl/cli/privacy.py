@@ -163,7 +163,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         help=f"job whose settings train the audit's own models (default: {DEFAULT_JOB.name} for chem data, "
         f"{DEFAULT_ESM_JOB.name} for binding-site data)",
     )
-    membership.add_argument("--references", type=int, default=2, help="RMIA reference models per site")
+    membership.add_argument(
+        "--references", type=int, default=2, help="RMIA reference models (chem: per site; binding sites: one set)"
+    )
     membership.add_argument("--max-members", type=int, default=2000, help="member records sampled per site")
     membership.add_argument("--population", type=int, default=2000, help="population records for RMIA")
     membership.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
