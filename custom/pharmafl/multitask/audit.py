@@ -95,10 +95,6 @@ def run_site_models(workspace: str | Path) -> tuple[dict[str, Path], dict[str, d
     return folders, args
 
 
-def _trainer(data: SiteData, training: TrainConfig, trunk, dp: DPConfig | None = None) -> MultiTaskTrainer:
-    return MultiTaskTrainer(data, training, trunk, dp)
-
-
 class CentralizedView:
     """The centralized model (one partner: every compound and task pooled) seen through one site's data: its
     compounds matched by SMILES and its tasks by (assay, threshold), the same labels being scored."""
@@ -203,7 +199,7 @@ def audit_membership(
             raise InputError(
                 f"--centralized takes data prepared for one partner; '{centralized}' has {len(pooled_sites)}."
             )
-        pooled = _trainer(load_site(str(Path(centralized) / pooled_sites[0])), training, trunk)
+        pooled = MultiTaskTrainer(load_site(str(Path(centralized) / pooled_sites[0])), training, trunk)
         progress(f"centralized: training on {len(pooled.train_rows)} pooled compounds")
         pooled.train(epochs=rounds * training.local_epochs)
     summary: dict = {
@@ -216,7 +212,7 @@ def audit_membership(
     datas, targets = {}, {}
     for site in sites:
         data = load_site(str(Path(data_dir) / site))
-        alone = _trainer(data, training, trunk)
+        alone = MultiTaskTrainer(data, training, trunk)
         members, non_members, population = audit_targets(data, alone.train_rows, config)
         datas[site], targets[site] = data, (members, non_members, population)
         rng = np.random.default_rng(config.seed + 1)
@@ -230,7 +226,7 @@ def audit_membership(
         )
         references = []
         for k in range(config.references):
-            ref = _trainer(data, TrainConfig(**{**asdict(training), "seed": training.seed + 100 + k}), trunk)
+            ref = MultiTaskTrainer(data, TrainConfig(**{**asdict(training), "seed": training.seed + 100 + k}), trunk)
             ref.train_rows = np.sort(rng.choice(population, len(population) // 2, replace=False))
             ref.train(epochs=rounds * training.local_epochs)
             references.append(lambda rows, model=ref.model, d=data: record_probabilities(model, d, rows))
@@ -239,7 +235,7 @@ def audit_membership(
         for name, (folders, _) in run_models.items():
             if site not in folders:
                 raise InputError(f"the run '{name}' has no model for {site}.")
-            scored = _trainer(data, training, trunk)
+            scored = MultiTaskTrainer(data, training, trunk)
             scored.model.load_state_dict(torch.load(folders[site] / FEDERATED_MODEL, weights_only=True))
             card = (
                 json.loads((folders[site] / MODEL_CARD).read_text()) if (folders[site] / MODEL_CARD).is_file() else {}
@@ -281,7 +277,7 @@ def audit_membership(
         for site in sites:
             run_training = settings(TrainConfig, args[site].get("training"), "training")
             dp = settings(DPConfig, args[site].get("dp"), "dp")
-            trainer = _trainer(datas[site], run_training, trunk, dp)
+            trainer = MultiTaskTrainer(datas[site], run_training, trunk, dp)
             trainer.model.load_state_dict(torch.load(folders[site] / FEDERATED_MODEL, weights_only=True))
             before = trainer.model.trunk.input.weight.detach().clone()
             trainer.train(epochs=1)

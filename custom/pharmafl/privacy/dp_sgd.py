@@ -310,14 +310,3 @@ class GhostClipper:
             record.inputs, record.output, record.grad = None, None, None
         optimizer.step()
         return float(losses.detach().mean()) if losses.numel() else float("nan")
-
-
-def private_run(
-    model: nn.Module,
-    config: DPConfig,
-    n_records: int,
-    batch_size: int,
-    tied_biases: Mapping[nn.Module, nn.Parameter] = (),
-) -> tuple[GhostClipper, PrivacyBudget]:
-    """The clipper and the budget of one site's DP-SGD training."""
-    return GhostClipper(model, config, tied_biases), PrivacyBudget(config, n_records, batch_size)
