@@ -97,3 +97,26 @@ def test_the_job_passes_dp_settings_to_the_script(tmp_path):
     flags = dict(zip(words[::2], words[1::2], strict=True))
     # a target alone is planned over the job's rounds x local epochs (3 x 5)
     assert flags == {"--dp-target-epsilon": "4.0", "--dp-max-grad-norm": "0.5", "--dp-epochs": "15"}
+
+
+@pytest.mark.parametrize(
+    ("options", "dp", "exhausted"),
+    [
+        ("--dp-target-epsilon 8 --dp-epochs 12", DPConfig(target_epsilon=8, epochs=12), False),
+        ("--dp-target-epsilon 0.3 --dp-noise-multiplier 1", DPConfig(target_epsilon=0.3, noise_multiplier=1), True),
+    ],
+)
+def test_the_audit_recomputes_what_a_site_spent_from_the_runs_script_arguments(south, options, dp, exhausted):
+    """``spent_privacy`` gives the epsilon a site's trainer reached over the run's rounds, whether the budget lasted
+    or ended training early."""
+    from pharmafl.clinical.audit import spent_privacy
+
+    config = MortalityConfig(batch_size=64, local_epochs=2, pos_weight="balanced")
+    trainer = MortalityTrainer(south, config, dp=dp)
+    for _ in range(3):
+        trainer.train()
+    spent = trainer.privacy()
+    recomputed = spent_privacy(f"--batch-size 64 --local-epochs 2 {options}", config, 3, len(trainer.y_train))
+    assert recomputed["steps"] == spent["steps"] and recomputed["epsilon"] == pytest.approx(spent["epsilon"])
+    assert spent["epsilon"] <= dp.target_epsilon and spent["exhausted"] == exhausted
+    assert spent_privacy("--batch-size 64", config, 3, len(trainer.y_train)) is None

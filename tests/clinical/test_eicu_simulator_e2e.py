@@ -146,3 +146,33 @@ def test_the_report_puts_every_method_on_the_same_test_stays(fedprox_run, two_re
     assert report["statistics"]["global"]["age"]["sites"] == 2  # the statistics the sites standardised with
     for figure in ("roc.png", "calibration.png", "feature_distributions.png"):
         assert figure in report["figures"] and (workspace / "report" / figure).stat().st_size > 10_000
+
+
+def test_the_membership_audit_scores_the_runs_global_model_as_the_sites_did(fedprox_run, two_regions, tmp_path):
+    """The audit loads the run's final global model with the federated statistics the sites standardised with: its
+    test AUPRC/AUROC at each site are the ones the site reported for that model in the run."""
+    from pharmafl.clinical.audit import CENTRALIZED, LOCAL, audit_eicu
+    from pharmafl.core.paths import job_dir
+    from pharmafl.privacy.audit import AuditConfig
+
+    _, workspace = fedprox_run
+    config = AuditConfig(references=1, bootstrap=10, rounds=2)
+    overrides = {"fedprox_mu": 0.01, "weighting": "uniform"}
+    summary = audit_eicu(
+        two_regions, {"fed": workspace}, tmp_path, job_dir("eicu_fedavg"), config, lambda _: None, True, overrides
+    )
+    reported = json.loads((workspace / "server/simulate_job/cross_site_val/cross_val_results.json").read_text())
+    for site in SITES:
+        stays = load_site(two_regions / site)
+        entry = summary["sites"][site]
+        assert entry["members"] == int((stays.split == "train").sum())
+        assert entry["non_members"] == int((stays.split == "test").sum())
+        assert set(entry["models"]) == {LOCAL, "fed", CENTRALIZED}
+        (metrics,) = reported[site].values()
+        fed = entry["models"]["fed"]
+        assert fed["auc_pr"] == pytest.approx(metrics["auprc"]) and fed["auc_roc"] == pytest.approx(metrics["auroc"])
+        assert fed["epsilon"] is None
+        for model in entry["models"].values():
+            for attack in ("loss", "rmia"):
+                assert 0.0 <= model[attack]["auc"] <= 1.0 and 0.0 <= model[attack]["tpr_at_fpr_0.01"] <= 1.0
+    assert (tmp_path / "report.md").read_text().count("| fed |") == len(SITES)

@@ -13,6 +13,7 @@ from pharmafl.core.paths import job_dir
 
 DEFAULT_JOB = job_dir("multitask_fedavg")
 DEFAULT_ESM_JOB = job_dir("esm2_lora_fra")
+DEFAULT_EICU_JOB = job_dir("eicu_fedavg")
 
 
 def cmd_privacy_epsilon(args: argparse.Namespace) -> int:
@@ -48,7 +49,7 @@ def cmd_privacy_epsilon(args: argparse.Namespace) -> int:
 
 def cmd_audit_membership(args: argparse.Namespace) -> int:
     from pharmafl.jobs import prepared_sites
-    from pharmafl.jobs.preflight import BINDING_SITES, preparation_kind, site_manifests
+    from pharmafl.jobs.preflight import BINDING_SITES, EICU, preparation_kind, site_manifests
     from pharmafl.privacy.audit import AuditConfig
 
     runs = {}
@@ -67,19 +68,24 @@ def cmd_audit_membership(args: argparse.Namespace) -> int:
     )
     say = lambda message: print(message, flush=True)  # noqa: E731
     manifests = site_manifests(args.data, prepared_sites(args.data))
-    if preparation_kind(next(iter(manifests.values()))) == BINDING_SITES:
-        from pharmafl.binding_sites.audit import audit_binding_sites
-
+    kind = preparation_kind(next(iter(manifests.values())))
+    if kind in (BINDING_SITES, EICU):
         if args.centralized:
             raise InputError(
-                "binding-site data: the audit trains the centralized model itself; drop --centralized "
+                f"{kind} data: the audit trains the centralized model itself; drop --centralized "
                 "(--no-centralized skips that model)."
             )
-        summary = audit_binding_sites(
+        if kind == EICU and args.model:
+            raise InputError("--model is for binding-site data; the eICU audit takes the job's model (--set model=).")
+        if kind == BINDING_SITES:
+            from pharmafl.binding_sites.audit import audit_binding_sites as audit
+        else:
+            from pharmafl.clinical.audit import audit_eicu as audit
+        summary = audit(
             args.data,
             runs,
             args.out,
-            args.job or DEFAULT_ESM_JOB,
+            args.job or (DEFAULT_ESM_JOB if kind == BINDING_SITES else DEFAULT_EICU_JOB),
             config,
             progress=say,
             centralized=not args.no_centralized,
@@ -90,8 +96,8 @@ def cmd_audit_membership(args: argparse.Namespace) -> int:
 
         if args.no_centralized or args.set or args.model:
             raise InputError(
-                "--no-centralized, --set and --model are for binding-site data; the multi-task audit takes the "
-                "job's settings and --centralized DATA."
+                "--no-centralized, --set and --model are for binding-site and eICU data; the multi-task audit takes "
+                "the job's settings and --centralized DATA."
             )
         summary = audit_membership(
             args.data, runs, args.out, args.job or DEFAULT_JOB, config, progress=say, centralized=args.centralized
@@ -131,17 +137,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     membership = audit.add_parser(
         "membership",
         help="membership inference (LOSS, RMIA) against the models a site's data trained: chem data (multi-task) or "
-        "binding-site data (ESM-2 LoRA), told apart by the preparation",
+        "binding-site data (ESM-2 LoRA) or eICU data (mortality), told apart by the preparation",
         description="Chem data: the single-partner model, finished runs' site models, the centralized model with "
         "--centralized, and the server's bit-presence attack on trunk updates, individual vs secure aggregate. "
         "Binding-site data (one protein chain the privacy unit): each client's local model, finished runs' site "
-        "models and the centralized model, which the audit trains itself (--no-centralized skips it).",
+        "models and the centralized model, which the audit trains itself (--no-centralized skips it). eICU data "
+        "(one ICU stay the privacy unit): the same three, each run's model being its final global model.",
     )
     membership.add_argument(
         "--data",
         required=True,
-        help="prepared data: chem with an audit hold-out (--audit-fraction), or binding sites (non-members: each "
-        "client's test chains)",
+        help="prepared data: chem with an audit hold-out (--audit-fraction), binding sites or eICU (non-members: "
+        "each site's test chains or stays)",
     )
     membership.add_argument(
         "--run", action="append", metavar="NAME=WORKSPACE", help="a finished run of this data to attack (repeatable)"
@@ -155,13 +162,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     membership.add_argument(
         "--no-centralized",
         action="store_true",
-        help="binding-site data: do not train and attack the centralized model (all clients' chains pooled)",
+        help="binding-site and eICU data: do not train and attack the centralized model (all sites' records pooled)",
     )
     membership.add_argument("--out", required=True, help="folder for summary.json, report.md and privacy.png")
     membership.add_argument(
         "--job",
         help=f"job whose settings train the audit's own models (default: {DEFAULT_JOB.name} for chem data, "
-        f"{DEFAULT_ESM_JOB.name} for binding-site data)",
+        f"{DEFAULT_ESM_JOB.name} for binding-site data, {DEFAULT_EICU_JOB.name} for eICU data)",
     )
     membership.add_argument(
         "--references", type=int, default=2, help="RMIA reference models (chem: per site; binding sites: one set)"
@@ -174,7 +181,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--rounds",
         type=int,
         help="rounds the audit's own models train for (default: the job's): epochs for chem, rounds x local_steps "
-        "steps for binding sites (x clients for the centralized model)",
+        "steps for binding sites (x clients for the centralized model), rounds x local epochs for eICU",
     )
     membership.add_argument("--model", help="binding-site data: hub name or local folder of the base model")
     add_executor_overrides(membership)

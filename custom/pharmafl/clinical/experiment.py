@@ -10,6 +10,7 @@ over seeds per site, and the worst site's AUROC.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def run_eicu_experiment(
                 progress(f"seed {seed}: federated statistics")
                 run_simulator(STATISTICS_JOB, data, folder / "statistics", threads=threads, quiet=True)
                 write_statistics_report(folder / "statistics")  # its feature_distributions.png
-                settings["statistics"] = str(folder / "statistics")
+                # relative to the data root, where the sites look for it: the path survives the staged output's move
+                settings["statistics"] = os.path.relpath(folder / "statistics", data)
             progress(f"seed {seed}: federated run")
             result = run_simulator(
                 JOB, data, folder / "federated", rounds, threads, executor_overrides=settings, quiet=True
