@@ -10,8 +10,10 @@ from pharmafl.aggregation.fra_lora import (
     find_lora_pairs,
     fra_lora_aggregate,
     fra_lora_from_deltas,
+    leading_components,
     module_name,
     naive_factor_average,
+    padded_to_rank,
     product_error,
     split_factors,
 )
@@ -372,7 +374,8 @@ def test_from_deltas_matches_factored_and_partial_svd_matches_full(monkeypatch):
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        (lambda u: u.update({"m.lora_A.weight": np.ones((3, 6)), "m.lora_B.weight": np.ones((5, 3))}), "rank 3"),
+        (lambda u: u.update({"m.lora_A.weight": np.ones((5, 6)), "m.lora_B.weight": np.ones((5, 5))}), "rank 5"),
+        (lambda u: u.update({"m.lora_A.weight": np.ones((2, 7)), "m.lora_B.weight": np.ones((5, 2))}), "shape (2, 7)"),
         (lambda u: u.update({"m.lora_B.weight": np.ones((5, 3))}), "has rank 4 but"),
         (lambda u: u.update({"m.lora_A.weight": np.ones((4, 7))}), "shape (4, 7)"),
         (lambda u: u.update({"m.lora_A.weight": np.full((4, 6), np.nan)}), "NaN"),
@@ -390,6 +393,9 @@ def test_check_lora_update_names_the_defect(change, fragment):
     problem = check_lora_update(update, expected, rank=4)
     assert problem is not None and fragment in problem
     assert check_lora_update({}, expected, rank=4) is not None
+    # a site of a lower rank than the global adapter's: its own rank sets the factors' rank dimension
+    lower = {**good, "m.lora_A.weight": np.ones((2, 6)), "m.lora_B.weight": np.ones((5, 2))}
+    assert check_lora_update(lower, expected, rank=4) is None
 
 
 def test_naive_factor_average_has_a_systematic_error():
@@ -402,6 +408,71 @@ def test_naive_factor_average_has_a_systematic_error():
     assert product_error(fra_factors, clients, weights) < 1e-10
     same = [clients[0]] * 3
     assert product_error(naive_factor_average(same, weights), same, weights) < 1e-12
+
+
+# ---- sites of different ranks
+
+MODULES = (("q", 48, 40), ("v", 56, 40))
+
+
+def site_factors(rng, rank, dtype, modules=MODULES):
+    factors = {}
+    for name, d_out, d_in in modules:
+        factors[f"layer.{name}.lora_A.weight"] = rng.standard_normal((rank, d_in)).astype(dtype)
+        factors[f"layer.{name}.lora_B.weight"] = rng.standard_normal((d_out, rank)).astype(dtype)
+    factors["classifier.bias"] = rng.standard_normal(2).astype(dtype)
+    return factors
+
+
+def mixed_rank_case(case, dtype):
+    """(clients, weights, the global rank): sites of ranks 4/8/16 (or 2/3/4), random or rank-deficient."""
+    rng = np.random.default_rng(["random", "identical", "zero site", "below the global rank"].index(case))
+    ranks, weights = [4, 8, 16], [3.0, 1.0, 2.0]
+    if case == "below the global rank":  # sum of the ranks (9) < 16: the mean has fewer components than the adapter
+        ranks = [2, 3, 4]
+    clients = [site_factors(rng, r, dtype) for r in ranks]
+    if case == "identical":  # the same update from every site, padded with zeros by the larger ranks
+        clients = [padded_to_rank(clients[0], r) for r in ranks]
+    if case == "zero site":  # a site whose update is zero (B = 0, as LoRA starts)
+        clients[1] = {k: np.zeros_like(v) if "lora_B" in k else v for k, v in clients[1].items()}
+    return clients, weights, 16
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", ["random", "identical", "zero site", "below the global rank"])
+def test_each_site_gets_the_dense_means_truncation_at_its_own_rank(case, dtype):
+    """FRA-LoRA with sites of ranks r_u: the leading r_u components of its global factors are, per module, the best
+    rank-r_u approximation of the dense weighted mean of B_u A_u (to 1e-5), rank-deficient means included."""
+    clients, weights, rank = mixed_rank_case(case, dtype)
+    result = fra_lora_aggregate(clients, weights, rank=rank)
+    for a_key, b_key in find_lora_pairs(clients[0]):
+        Bs, As = [c[b_key] for c in clients], [c[a_key] for c in clients]
+        assert result.factors[a_key].shape[0] == rank and result.factors[b_key].dtype == dtype
+        for site_rank in sorted({c[a_key].shape[0] for c in clients}):
+            share = leading_components(result.factors, site_rank)
+            assert share[a_key].shape[0] == min(site_rank, rank)
+            got = share[b_key].astype(np.float64) @ share[a_key].astype(np.float64)
+            reference = product(*dense_mean_svd(Bs, As, weights, site_rank))
+            assert rel(got, reference) < 1e-5, (case, site_rank)
+    biases = [c["classifier.bias"].astype(np.float64) for c in clients]
+    np.testing.assert_allclose(result.factors["classifier.bias"], np.average(biases, axis=0, weights=weights), 1e-6)
+
+
+def test_padding_keeps_the_product_and_makes_factor_averaging_possible():
+    rng = np.random.default_rng(5)
+    clients = [site_factors(rng, r, np.float32) for r in (4, 8, 16)]
+    padded = [padded_to_rank(c, 16) for c in clients]
+    for client, pad in zip(clients, padded, strict=True):
+        for a_key, b_key in find_lora_pairs(client):
+            assert pad[a_key].shape == (16, client[a_key].shape[1]) and pad[b_key].dtype == np.float32
+            np.testing.assert_allclose(pad[b_key] @ pad[a_key], client[b_key] @ client[a_key], rtol=1e-5, atol=1e-5)
+    naive = naive_factor_average(padded, [1.0, 1.0, 1.0])  # HetLoRA's zero-padding baseline: shapes now agree
+    assert product_error(naive, padded, [1.0, 1.0, 1.0]) > 0.1
+    # a site takes the leading components of the global factors; its own rank or less passes through
+    assert leading_components(naive, 4)["layer.q.lora_B.weight"].shape == (48, 4)
+    assert leading_components(clients[0], 8) == clients[0]
+    with pytest.raises(ValueError, match="more than the 8"):
+        padded_to_rank(clients[2], 8)
 
 
 # ---- the benchmark's model arithmetic

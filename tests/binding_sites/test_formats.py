@@ -1,4 +1,5 @@
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -113,6 +114,47 @@ def test_fasta_with_csv_labels(tmp_path):
     chains, counts = read_chains(fasta, fmt="fasta", labels_path=labels)
     assert [c.id for c in chains] == ["a"]
     assert counts["skipped"]["length_mismatch"] == 1
+
+
+def test_fasta_with_binding_positions(tmp_path):
+    """``id<TAB>1-based positions``: positions past the chain or below 1 are counted and dropped (the chain kept),
+    ids without a sequence are unused labels, chains without a line are missing labels, non-integer positions
+    make the chain invalid."""
+    fasta = write(tmp_path / "seqs.fasta", ">a\nMKTAYG\n>b\nGGG\n>c\nMKT\n>d\nMKTA\n>nolabel\nMKT\n>bad\nMK\n")
+    positions = write(
+        tmp_path / "binding.tsv",
+        "a\t1,3, 6\nb\t2,4,0,-1\nc\t\nd\nbad\t1,x\nnot_in_fasta\t1,2\na\t2\n",
+    )
+    chains, counts = read_chains(fasta, fmt="fasta", labels_path=positions)
+    assert [(c.id, c.labels.tolist()) for c in chains] == [
+        ("a", [1, 0, 1, 0, 0, 1]),  # the first line of an id wins
+        ("b", [0, 1, 0]),  # 4, 0 and -1 lie outside the 3 residues
+        ("c", [0, 0, 0]),  # no position: binds nowhere
+        ("d", [0, 0, 0, 0]),
+    ]
+    assert counts["positions_out_of_range"] == 3
+    assert counts["unused_labels"] == 1
+    assert counts["skipped"]["missing_labels"] == 1 and counts["skipped"]["invalid_labels"] == 1
+    assert counts["kept"] == 4 and counts["records"] == 6
+
+
+def test_prepare_binding_sites_reads_fasta_with_positions(tmp_path, capsys):
+    from pharmafl.cli import main
+
+    fasta_lines, position_lines = [], []
+    rng = np.random.default_rng(0)
+    for i in range(40):  # distinct sequences: identical ones would form one sequence group, all in one split
+        fasta_lines += [f">p{i}", "".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 30))]
+        position_lines.append(f"p{i}\t{1 + i % 30},{31 + i}")  # the second position is outside every chain
+    fasta = write(tmp_path / "ZN.fasta", "\n".join(fasta_lines) + "\n")
+    positions = write(tmp_path / "ZN_binding.tsv", "\n".join(position_lines) + "\n")
+    out = tmp_path / "prepared"
+    code = main(["prepare", "binding-sites", fasta, "--labels", positions, "--format", "fasta", "--out", str(out)])
+    assert code == 0
+    assert "40 positions outside their chain dropped" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    (source,) = summary["inputs"]
+    assert source["kept"] == 40 and source["positions_out_of_range"] == 40
 
 
 def test_fasta_without_label_file_is_a_user_error(tmp_path):

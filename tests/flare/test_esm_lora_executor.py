@@ -138,3 +138,40 @@ def test_dp_with_grad_noise_is_refused_and_a_target_alone_is_planned_over_the_ro
     options = JobOptions(num_rounds=4, settings={"dp.target_epsilon": 3.0})
     args = executor_args(export_run_job("esm2_lora_fedavg", tmp_path, options))
     assert args["dp"] == {"target_epsilon": 3.0, "epochs": 4}  # a DP epoch is one round of local_steps steps
+
+
+def test_a_site_of_a_lower_rank_trains_its_own_rank_at_the_global_scaling(fl_ctx, gpsite_small, tiny_esm_config):
+    """``site_ranks``: site-1 trains rank 2 under a rank-4 global adapter. It uploads rank-2 factors (``padded``:
+    zero-padded to rank 4, the same product), applies the global alpha / r, takes the leading components of a
+    global adapter, and its card records its rank."""
+    from pharmafl.aggregation.fra_lora import find_lora_pairs, fra_lora_aggregate, leading_components
+
+    executor = started(fl_ctx, gpsite_small, tiny_esm_config, site_ranks={"site-1": 2, "site-9": 4})
+    own = from_shareable(executor.execute("train", task({}), fl_ctx, Signal())).data
+    pairs = find_lora_pairs(own)
+    assert pairs and all(own[a].shape[0] == 2 and own[b].shape[1] == 2 for a, b in pairs)
+    scalings = {
+        s["default"] for m in executor.trainer.model.modules() if isinstance(s := getattr(m, "scaling", None), dict)
+    }
+    assert scalings == {LORA["alpha"] / LORA["rank"]}
+
+    # the global adapter (rank 4) from this site and another rank-2 one: the site trains on its leading 2 components
+    rng = np.random.default_rng(0)
+    other = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in own.items()}
+    global_state = fra_lora_aggregate([own, other], [1.0, 1.0], rank=4).factors
+    executor.execute("validate", task(global_state, round_number=1), fl_ctx, Signal())
+    expected = leading_components(global_state, 2)
+    assert all(np.allclose(executor.trainer.state()[k], v) for k, v in expected.items())
+
+    executor.handle_event(EventType.END_RUN, fl_ctx)
+    card = json.loads((Path(executor.run_dir) / FINAL_CARD_FILE).read_text())
+    assert card["lora"]["rank"] == 2 and card["lora"]["alpha"] == LORA["alpha"] / 2
+
+    padded = started(fl_ctx, gpsite_small, tiny_esm_config, site_ranks={"site-1": 2}, upload="padded")
+    sent = from_shareable(padded.execute("train", task({}), fl_ctx, Signal())).data
+    trained = padded.trainer.state()
+    for a, b in pairs:
+        assert sent[a].shape[0] == 4 and sent[b].shape[1] == 4
+        np.testing.assert_allclose(sent[b] @ sent[a], trained[b] @ trained[a], atol=1e-6)
+    with pytest.raises(ValueError, match="from 1 to lora.rank"):
+        ESMLoRAExecutor(data_root=str(gpsite_small), model_config=tiny_esm_config, lora=LORA, site_ranks={"x": 8})

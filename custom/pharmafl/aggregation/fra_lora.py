@@ -636,7 +636,10 @@ def _out_dtype(dtypes: Dtypes | None, key: str, client_array: np.ndarray) -> np.
 
 
 def check_lora_update(update: Mapping[str, object], expected_shapes: Shapes | None, rank: int | None) -> str | None:
-    """Why a client's LoRA factors cannot be aggregated (None if they can): rank, pairing, keys, shapes, NaN/Inf."""
+    """Why a client's LoRA factors cannot be aggregated (None if they can): rank, pairing, keys, shapes, NaN/Inf.
+
+    A client's rank may be anything from 1 to ``rank`` (sites of different ranks); its factors' other dimension must
+    be the expected one."""
     if not isinstance(update, Mapping) or not update:
         return update_problem(update, expected_shapes)
     try:
@@ -651,9 +654,48 @@ def check_lora_update(update: Mapping[str, object], expected_shapes: Shapes | No
             return f"'{a_key}' and '{b_key}' must be 2-D, got shapes {A.shape} and {B.shape}"
         if A.shape[0] != B.shape[1]:
             return f"'{a_key}' has rank {A.shape[0]} but '{b_key}' has rank {B.shape[1]}"
-        if rank is not None and A.shape[0] != rank:
-            return f"'{a_key}' has LoRA rank {A.shape[0]}, expected {rank}"
+        if rank is not None and not 1 <= A.shape[0] <= rank:
+            return f"'{a_key}' has LoRA rank {A.shape[0]}, expected 1 to {rank} (the global adapter's)"
+    if expected_shapes is not None:  # a site may train a lower rank than the global adapter's: its own sets the shape
+        expected_shapes = dict(expected_shapes)
+        for a_key, b_key in pairs:
+            A, B = update[a_key], update[b_key]
+            if isinstance(A, np.ndarray) and isinstance(B, np.ndarray) and {a_key, b_key} <= set(expected_shapes):
+                expected_shapes[a_key] = (A.shape[0], tuple(expected_shapes[a_key])[-1])
+                expected_shapes[b_key] = (tuple(expected_shapes[b_key])[0], B.shape[1])
     return update_problem(update, expected_shapes)
+
+
+def leading_components(factors: Factors, rank: int, lora_pairs: Sequence[tuple[str, str]] | None = None) -> dict:
+    """A rank-``rank`` site's share of global LoRA factors: the first ``rank`` columns of each B and rows of each A.
+
+    FRA-LoRA's factors are U sqrt(S) and sqrt(S) V^T with S descending, so this is the best rank-``rank``
+    approximation of the global update (Eckart-Young): the factorisation FRA-LoRA owes a site of that rank. For
+    separately averaged factors, which have no such order, it is HetLoRA's truncation. Factors of rank ``rank`` or
+    less, and every other key, pass through unchanged.
+    """
+    _check_rank(rank)
+    out = dict(factors)
+    for a_key, b_key in lora_pairs if lora_pairs is not None else find_lora_pairs(factors):
+        A, B = np.asarray(factors[a_key]), np.asarray(factors[b_key])
+        if A.shape[0] > rank:
+            out[a_key], out[b_key] = A[:rank].copy(), B[:, :rank].copy()
+    return out
+
+
+def padded_to_rank(factors: Factors, rank: int, lora_pairs: Sequence[tuple[str, str]] | None = None) -> dict:
+    """Every LoRA pair zero-padded to rank ``rank`` (B's extra columns, A's extra rows): B A is unchanged, and sites
+    of different ranks get the equal shapes that averaging A and B separately needs (HetLoRA's zero-padding)."""
+    _check_rank(rank)
+    out = dict(factors)
+    for a_key, b_key in lora_pairs if lora_pairs is not None else find_lora_pairs(factors):
+        A, B = np.asarray(factors[a_key]), np.asarray(factors[b_key])
+        if A.shape[0] > rank:
+            raise ValueError(f"'{a_key}' has rank {A.shape[0]}, more than the {rank} to pad to")
+        if A.shape[0] < rank:
+            out[a_key] = np.concatenate([A, np.zeros((rank - A.shape[0], A.shape[1]), A.dtype)], axis=0)
+            out[b_key] = np.concatenate([B, np.zeros((B.shape[0], rank - B.shape[1]), B.dtype)], axis=1)
+    return out
 
 
 def naive_factor_average(client_factors: Sequence[Factors], weights: Sequence[float]) -> dict[str, np.ndarray]:

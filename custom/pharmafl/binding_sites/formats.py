@@ -86,13 +86,17 @@ def read_chains(
     """Read labelled chains from `path`; returns (chains, counts).
 
     Formats: `threeline` (GPSite: `>id`, sequence, 0/1 string per record), `fasta` (sequences, possibly
-    wrapped, with labels from `labels_path`: either `>id` + 0/1 string or a CSV with columns id,labels) and
+    wrapped, with labels from `labels_path`: `>id` + 0/1 string, a CSV with columns id,labels, or binding-residue
+    positions, `id<TAB>1-based positions, comma-separated`, as several binding-site benchmarks distribute them) and
     `csv` (columns id,sequence,labels). `auto` picks fasta when a label file is given, csv for a .csv file
     or a first line with commas, else threeline. The id is the first word of a header.
 
     Counts: records (seen), skipped (per reason, see the module docstring), kept, cropped (chains longer
     than `max_length`, cut to their first `max_length` residues; None keeps them whole), positives_cropped
-    (labels lost that way), unused_labels (label-file ids without a sequence). Gzipped files are read too.
+    (labels lost that way), unused_labels (label-file ids without a sequence), positions_out_of_range (positions
+    past the chain's end or below 1, dropped; the chain is kept). Gzipped files are read too. In the positions
+    format a chain without a line is skipped as missing_labels (not taken as binding nowhere); a line whose
+    positions are not integers makes its chain invalid_labels.
     """
     if fmt not in FORMATS:
         raise InputError(f"Input format must be one of {', '.join(FORMATS)}; got '{fmt}'.")
@@ -106,7 +110,7 @@ def read_chains(
         raise InputError(f"A label file is only used with FASTA input, but '{path}' is read as {fmt}.")
 
     skipped = dict.fromkeys(SKIP_REASONS, 0)
-    unused_labels = 0
+    unused_labels = out_of_range = 0
     if fmt == "threeline":
         records = _parse_threeline(text, skipped)
     elif fmt == "csv":
@@ -114,7 +118,7 @@ def read_chains(
     else:
         if labels_path is None:
             raise InputError(f"FASTA input '{path}' needs a label file with one 0/1 string per id.")
-        records, unused_labels = _parse_fasta_with_labels(text, labels_path, skipped)
+        records, unused_labels, out_of_range = _parse_fasta_with_labels(text, labels_path, skipped)
 
     source = source_name(path)
     chains: list[Chain] = []
@@ -142,6 +146,7 @@ def read_chains(
         "cropped": cropped,
         "positives_cropped": positives_cropped,
         "unused_labels": unused_labels,
+        "positions_out_of_range": out_of_range,
     }
     if not chains:
         reasons = ", ".join(f"{key} {value}" for key, value in skipped.items() if value) or "none"
@@ -224,22 +229,62 @@ def _parse_threeline(text: str, skipped: dict) -> list[tuple[str, str | None, st
 
 def _parse_fasta_with_labels(
     text: str, labels_path: str, skipped: dict
-) -> tuple[list[tuple[str, str | None, str | None]], int]:
+) -> tuple[list[tuple[str, str | None, str | None]], int, int]:
+    """(records, label-file ids without a sequence, positions outside their sequence)."""
     labels = _read_label_file(labels_path)
     records = []
     used = set()
+    out_of_range = 0
     for record_id, body in _fasta_blocks(text, skipped):
-        records.append((record_id, "".join(body), labels.get(record_id)))
+        sequence, label = "".join(body), labels.get(record_id)
+        if isinstance(label, tuple):  # binding positions: the 0/1 string needs the sequence's length
+            label, outside = _positions_to_labels(label, len(sequence))
+            out_of_range += outside
+        records.append((record_id, sequence, label))
         used.add(record_id)
-    return records, len(set(labels) - used)
+    return records, len(set(labels) - used), out_of_range
 
 
-def _read_label_file(labels_path: str) -> dict[str, str]:
-    """id -> 0/1 string from `>id` + labels (possibly wrapped) or a CSV with columns id,labels; first id wins."""
+def _positions_to_labels(positions: tuple[int, ...], length: int) -> tuple[str, int]:
+    """(0/1 string with 1 at each 1-based position within ``length``, positions outside it); positions that are
+    not integers (``_BAD_POSITIONS``) give an invalid label string so the chain is skipped as invalid_labels."""
+    if positions == _BAD_POSITIONS:
+        return "?", 0
+    inside = [p for p in positions if 1 <= p <= length]
+    labels = bytearray(b"0" * length)
+    for p in inside:
+        labels[p - 1] = ord("1")
+    return labels.decode("ascii"), len(positions) - len(inside)
+
+
+_BAD_POSITIONS = (-(2**63),)  # a positions line that did not parse
+
+
+def _read_positions(text: str) -> dict[str, tuple[int, ...]]:
+    """id -> 1-based binding positions from `id<TAB>p1,p2,...` lines (an id alone: no binding residue)."""
+    labels: dict[str, tuple[int, ...]] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        record_id, _, rest = line.strip().partition("\t")
+        tokens = [t.strip() for t in rest.split(",") if t.strip()]
+        try:
+            positions = tuple(int(t) for t in tokens)
+        except ValueError:
+            positions = _BAD_POSITIONS
+        labels.setdefault(record_id.strip(), positions)
+    return labels
+
+
+def _read_label_file(labels_path: str) -> dict[str, str | tuple[int, ...]]:
+    """id -> 0/1 string from `>id` + labels (possibly wrapped) or a CSV with columns id,labels, or id -> binding
+    positions from `id<TAB>positions` lines; the first line of an id wins."""
     text = _read_text(labels_path)
     if not text.strip():
         raise InputError(f"Label file '{labels_path}' is empty.")
     labels: dict[str, str] = {}
+    if "\t" in text and not text.lstrip().startswith(">"):  # tab-separated: id and positions
+        return _read_positions(text)
     if text.lstrip().startswith(">"):
         for record_id, body in _fasta_blocks(text, dict.fromkeys(SKIP_REASONS, 0)):
             labels.setdefault(record_id, "".join(body))

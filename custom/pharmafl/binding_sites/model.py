@@ -35,7 +35,7 @@ class LoRASettings:
     """LoRA hyper-parameters (rank, scaling alpha, dropout, and the module names to adapt)."""
 
     rank: int = 16
-    alpha: int = 32
+    alpha: float = 32  # PEFT's lora_alpha: the update is scaled by alpha / rank
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("query", "key", "value")
 

@@ -82,9 +82,16 @@ def prepare_binding_sites(
             {"path": path, "source": source_name(path), **counts, "used": len(used), "not_used": len(read) - len(used)}
         )
         skipped = sum(counts["skipped"].values())
+        labels_unmatched = (
+            f", {counts['unused_labels']} label ids without a sequence" if counts["unused_labels"] else ""
+        ) + (
+            f", {counts['positions_out_of_range']} positions outside their chain dropped"
+            if counts["positions_out_of_range"]
+            else ""
+        )
         say(
             f"{path}: {counts['records']} records, {len(used)} used, {skipped} skipped, "
-            f"{counts['cropped']} cropped to {config.max_length}"
+            f"{counts['cropped']} cropped to {config.max_length}{labels_unmatched}"
         )
 
     sources = [summary["source"] for summary in input_summaries]

@@ -146,7 +146,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     proteins.add_argument("--sites", default=None, help="comma-separated client names (default site-1..site-N)")
     proteins.add_argument("--split", default="iid", choices=["iid", "label-skew", "by-source"])
     proteins.add_argument("--format", default="auto", choices=["auto", "threeline", "fasta", "csv"])
-    proteins.add_argument("--labels", default=None, help="labels for FASTA input (>id + 0/1 lines, or id,labels CSV)")
+    proteins.add_argument(
+        "--labels",
+        default=None,
+        help="labels for FASTA input: >id + 0/1 lines, an id,labels CSV, or binding positions "
+        "(id<TAB>1-based positions, comma-separated; positions outside the chain are counted and dropped)",
+    )
     proteins.add_argument("--max-length", type=int, default=1000, help="crop longer chains")
     proteins.add_argument("--test-fraction", type=float, default=0.2)
     proteins.add_argument("--skew-ratios", type=floats, default=(0.2, 0.8), help="label-skew high-half shares")

@@ -27,8 +27,11 @@ class FRALoRAAggregator(CheckedAggregator):
         Clients send their LoRA factors (``upload="factors"``, small) or each module's full update
         (``upload="delta"``, keys ``<module>.delta``; what secure aggregation needs). Every other
         entry (the classification head) is averaged. The result replaces the global adapter
-        (``WEIGHTS``), in the global model's dtypes where it has the key. A client's factors with the
-        wrong rank, shape or dtype, or NaN/Inf, are excluded (and everything ``CheckedAggregator`` rejects).
+        (``WEIGHTS``), in the global model's dtypes where it has the key. Clients may train lower ranks than
+        ``rank`` (the executor's ``site_ranks``): their B_u A_u enter the mean as they are, and each takes the
+        leading r_u components of the result, its best rank-r_u approximation. A client's factors with a rank
+        above ``rank``, the wrong shape or dtype, or NaN/Inf, are excluded (and everything ``CheckedAggregator``
+        rejects).
 
         Args:
             rank: rank of the global adapter.

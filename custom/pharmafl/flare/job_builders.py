@@ -100,7 +100,10 @@ JOBS: dict[str, JobDefinition] = {
     "multitask_secure_blind": JobDefinition(
         "multitask", MULTITASK_ARGS, 13, 2, {**SECURE_MULTITASK, "server_blind": True}, meta=TRUNK_ONLY
     ),
-    "esm2_lora_fedavg": JobDefinition("esm", {"model": ESM2_35M, "optimizer_state": "reset"}, 10, 2),
+    # naive averaging: sites of a lower rank (site_ranks) zero-pad their factors to the global rank (HetLoRA)
+    "esm2_lora_fedavg": JobDefinition(
+        "esm", {"model": ESM2_35M, "optimizer_state": "reset", "upload": "padded"}, 10, 2
+    ),
     "esm2_lora_fra": JobDefinition("esm", {"model": ESM2_35M, "optimizer_state": "reset"}, 10, 2, fra_lora=True),
     "esm2_lora_fra_secure": JobDefinition(
         "esm",
