@@ -16,7 +16,8 @@ from pharmafl.multitask.dataset import load_site
 from pharmafl.multitask.predict import MODEL_CARD
 from pharmafl.multitask.train import MultiTaskTrainer
 from pharmafl.privacy import accounting
-from pharmafl.privacy.dp_sgd import PRIVACY_FILE, DPConfig
+from pharmafl.privacy.dp_sgd import DPConfig
+from pharmafl.privacy.report import PRIVACY_FILE
 
 pytestmark = pytest.mark.slow
 JOB = repo_root() / "jobs" / "multitask_dp"
@@ -111,3 +112,15 @@ def test_membership_audit_of_the_dp_run(dp_run, audit_data, tmp_path):
         assert server_view["individual"]["auc"] == pytest.approx(0.5)
     assert (tmp_path / "audit" / "report.md").read_text().count("| site-") >= 4
     assert (tmp_path / "audit" / "privacy.png").is_file()
+
+
+def test_the_report_shows_what_each_site_spent(dp_run):
+    from pharmafl.report import write_report
+
+    workspace, _ = dp_run
+    summary, table = write_report(workspace)
+    for site in SITES:
+        spent = json.loads((workspace / site / "simulate_job" / PRIVACY_FILE).read_text())
+        assert summary["sites"][site]["privacy"]["epsilon"] == spent["epsilon"]
+        assert f"| {site} | {spent['epsilon']:.3f} |" in table
+    assert "DP-SGD (sample-level" in (workspace / "report" / "report.md").read_text()

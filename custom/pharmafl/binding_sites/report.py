@@ -15,6 +15,7 @@ from pharmafl.core.report import (
     tensorboard_curves,
     write_report_files,
 )
+from pharmafl.privacy.report import privacy_table, site_privacy
 
 ESM_METRICS = ("accuracy", "precision", "recall", "f1", "mcc", "auc_roc")
 
@@ -71,6 +72,9 @@ def build_esm_summary(workspace: str | Path, baseline_dirs: list) -> dict:
             entry["curves"][mode] = {
                 name: [point["site"][name] for point in result.get("curve", [])] for name in ESM_PLOTTED
             }
+        privacy = site_privacy(run_dir, site)
+        if privacy:
+            entry["privacy"] = privacy
         sites[site] = entry
     return {
         "kind": "esm_lora",
@@ -107,6 +111,9 @@ def format_esm_table(summary: dict) -> str:
     note = rounds_note(summary.get("rounds"), {mode: summary["baselines"][mode]["rounds"] for mode in modes})
     if note:
         lines.append(note)
+    privacy = privacy_table(summary)
+    if privacy:
+        lines.append(privacy)
     return "\n".join(lines)
 
 

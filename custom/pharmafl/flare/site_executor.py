@@ -24,7 +24,7 @@ from nvflare.app_common.app_constant import AppConstants
 from pharmafl.core.errors import InputError
 from pharmafl.core.paths import DATA_ENV
 from pharmafl.core.progress import PROGRESS_TAG, TASK_FAILED, StepReporter
-from pharmafl.privacy.dp_sgd import PRIVACY_FILE
+from pharmafl.privacy.report import PRIVACY_FILE
 
 #: meta key of a training reply from a site whose DP budget is spent: it sends no update (aggregators skip it)
 PRIVACY_BUDGET_SPENT = "pharmafl_privacy_budget_spent"

@@ -18,7 +18,7 @@ from pharmafl.core.report import (
     tensorboard_curves,
     write_report_files,
 )
-from pharmafl.privacy.dp_sgd import PRIVACY_FILE
+from pharmafl.privacy.report import privacy_table, site_privacy
 
 
 def _pick(metrics: dict) -> dict:
@@ -154,34 +154,6 @@ def build_summary(workspace: str | Path, baseline_dir: str | Path | None = None)
     if deltas:
         summary["federated_beats_single_partner_everywhere"] = bool(len(deltas) == len(sites) and min(deltas) > 0)
     return summary
-
-
-def site_privacy(run_dir: Path, site: str) -> dict | None:
-    """A DP-SGD site's spending (``privacy.json`` in its run folder), when the workspace holds the site folders."""
-    path = run_dir.parent.parent / site / run_dir.name / PRIVACY_FILE
-    if not path.is_file():
-        return None
-    spent = json.loads(path.read_text())
-    return {k: v for k, v in spent.items() if k != "state"}
-
-
-def privacy_table(summary: dict) -> str:
-    """Epsilon spent per DP-SGD site ("" when no site trained with DP)."""
-    rows = [(site, e["privacy"]) for site, e in summary["sites"].items() if e.get("privacy")]
-    if not rows:
-        return ""
-    lines = [
-        "\nDP-SGD (sample-level; RDP unless stated):\n",
-        "| site | epsilon | delta | target epsilon | noise multiplier | clip | sample rate | steps | budget spent |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for site, p in rows:
-        target = "-" if p.get("target_epsilon") is None else f"{p['target_epsilon']:g}"
-        lines.append(
-            f"| {site} | {p['epsilon']:.3f} | {p['delta']:.2g} | {target} | {p['noise_multiplier']:.3f} | "
-            f"{p['max_grad_norm']:g} | {p['sample_rate']:.4f} | {p['steps']} | {'yes' if p['exhausted'] else 'no'} |"
-        )
-    return "\n".join(lines)
 
 
 def format_table(summary: dict) -> str:

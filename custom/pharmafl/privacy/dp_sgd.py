@@ -28,9 +28,6 @@ from torch import nn
 from pharmafl.core.errors import InputError
 from pharmafl.privacy import accounting
 
-#: a site's DP spending, in its run folder: what a restarted run resumes from, what the report reads
-PRIVACY_FILE = "privacy.json"
-
 
 @dataclass
 class DPConfig:
