@@ -17,7 +17,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("job", ["esm2_lora_fra", "esm2_lora_fedavg"])
 def test_lora_job_runs_and_reports(job, gpsite_small, tiny_esm_config, tmp_path):
+    """Both jobs with site-1 at LoRA rank 4 under the rank-16 global adapter: FRA-LoRA takes its rank-4 factors as
+    they are, the naive job its zero-padded ones; it trains the leading 4 components of the global adapter."""
     overrides = {"model": "", "model_config": tiny_esm_config, "local_steps": 3, "batch_size": 4, "max_length": 64}
+    overrides["site_ranks"] = {"site-1": 4}
     result = run_simulator(
         repo_root() / "jobs" / job, gpsite_small, tmp_path / "ws", rounds=2, executor_overrides=overrides, quiet=True
     )
@@ -34,6 +37,11 @@ def test_lora_job_runs_and_reports(job, gpsite_small, tiny_esm_config, tmp_path)
         lora_a = [name for name in state.files if name.endswith("lora_A.weight")]
         assert lora_a and all(state[name].shape[0] == 16 for name in lora_a)  # rank 16 adapter
         assert all(np.isfinite(state[name]).all() for name in state.files)
+    for site, rank in (("site-1", 4), ("site-2", 16)):
+        with np.load(tmp_path / "ws" / site / "simulate_job" / "local_adapter.npz") as adapter:
+            assert all(adapter[name].shape[0] == rank for name in lora_a)
+    log = (tmp_path / "ws" / "simulate.log").read_text()
+    assert "LoRA rank 4" in log and "LoRA rank 16" in log
 
 
 def test_report_compares_the_federation_with_centralized_training(gpsite_small, tiny_esm_config, tmp_path):
