@@ -483,3 +483,17 @@ def test_lora_parameter_count_matches_the_apheris_esm2_35m_setup():
     # 34,316,885 total with the PEFT wrapper = base model + LoRA + classifier, the frozen classifier copy (962)
     # and the 12 x 20 -> 1 contact head (241) that the estimate leaves out.
     assert esm2_param_estimate(12, 480) + 553_922 + 962 + 241 == 34_316_885
+
+
+def test_the_bench_reports_accuracy_stage_times_and_mixed_rank_traffic():
+    from pharmafl.aggregation.bench import bench_fra_lora
+
+    result = bench_fra_lora(["8M"], [2], repeats=1, breakdown=True)
+    (row,) = result["results"]
+    assert row["rel_error"] is not None and row["rel_error"] <= 1e-5 and result["targets"]["rel_error_le_1e-5"]
+    stages = row["breakdown"]["seconds"]
+    assert all(stages[name] > 0 for name in ("stack", "gram_B", "gram_A", "module")) and row["gram_floor_s"] > 0
+    per_rank = 2 * 320 * 4 * row["modules"]  # float32 B and A of one rank, every module
+    traffic = row["bytes_mixed_ranks"]
+    assert traffic["4"] == {"upload_fra": 4 * per_rank, "upload_padded": 16 * per_rank, "download": 16 * per_rank}
+    assert traffic["16"]["upload_fra"] == row["bytes_factors"]

@@ -31,6 +31,7 @@ def cmd_bench_fra_lora(args: argparse.Namespace) -> int:
         args.rank,
         args.repeats,
         progress=lambda message: print(message, file=sys.stderr, flush=True),
+        breakdown=args.breakdown,
     )
     print(json.dumps(result))
     return 0
@@ -89,6 +90,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     fra.add_argument("--clients", nargs="+", type=int, default=[2, 8, 32])
     fra.add_argument("--rank", type=int, default=16)
     fra.add_argument("--repeats", type=int, default=3)
+    fra.add_argument(
+        "--breakdown", action="store_true", help="also time one module's stages (stack, Gram matrices, the rest)"
+    )
     fra.set_defaults(func=cmd_bench_fra_lora)
     secagg = bench.add_parser("secagg", help="masked secure sum vs plaintext and NVFLARE's CKKS")
     secagg.add_argument("--json", action="store_true", help="print JSON (always on; kept for symmetry)")
