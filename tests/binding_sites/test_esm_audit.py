@@ -136,4 +136,4 @@ def test_the_command_sends_binding_site_data_here_and_chem_data_to_the_multitask
     (chem / "site-1").mkdir(parents=True)
     (chem / "site-1" / "manifest.json").write_text(json.dumps({"n_bits": 1024}))
     assert main([*command, "--data", str(chem), "--no-centralized"]) == 2
-    assert "are for binding-site data" in capsys.readouterr().err
+    assert "are for binding-site and eICU data" in capsys.readouterr().err

@@ -120,3 +120,14 @@ def test_the_audit_recomputes_what_a_site_spent_from_the_runs_script_arguments(s
     assert recomputed["steps"] == spent["steps"] and recomputed["epsilon"] == pytest.approx(spent["epsilon"])
     assert spent["epsilon"] <= dp.target_epsilon and spent["exhausted"] == exhausted
     assert spent_privacy("--batch-size 64", config, 3, len(trainer.y_train)) is None
+
+
+def test_the_audit_command_sends_eicu_data_to_the_eicu_audit(eicu_regions, tmp_path, capsys):
+    from pharmafl.cli import main
+
+    command = ["audit", "membership", "--data", str(eicu_regions), "--out", str(tmp_path / "audit")]
+    assert main([*command, "--set", "no_such=1"]) == 2  # refused by eicu_fedavg's settings: the eICU audit ran
+    assert "has no setting no_such" in capsys.readouterr().err
+    assert main([*command, "--centralized", str(eicu_regions)]) == 2
+    assert "eicu data: the audit trains the centralized model itself" in capsys.readouterr().err
+    assert main([*command, "--model", "x"]) == 2 and "--model is for binding-site data" in capsys.readouterr().err
