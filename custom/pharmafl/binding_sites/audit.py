@@ -39,7 +39,7 @@ from pharmafl.core.progress import StepReporter
 from pharmafl.core.report import find_server_run_dir
 from pharmafl.core.settings import apply_settings, field_types, settings
 from pharmafl.jobs import executor_args, find_component, num_rounds, prepared_sites, read_json
-from pharmafl.privacy.audit import AuditConfig, membership_attacks, write_audit_report
+from pharmafl.privacy.audit import AuditConfig, membership_attacks, model_result, write_audit_report
 
 LOCAL = "local"
 CENTRALIZED = "centralized"
@@ -246,17 +246,7 @@ def audit_binding_sites(
             scored = scores(model, records)
             utility = residue_metrics(scored.labels[m : m + t], scored.binding[m : m + t])
             attacks = membership_attacks(lambda r, p=scored.probability: p[r], reference_fns, *rows, config)
-            site_summary["models"][name] = {
-                **utility,
-                "epsilon": privacy["epsilon"] if privacy else None,
-                "delta": privacy["delta"] if privacy else None,
-                **attacks,
-            }
-            progress(
-                f"{client} {name}: test AUC-PR {utility['auc_pr']:.4f}; LOSS AUC {attacks['loss']['auc']:.3f}, "
-                f"RMIA AUC {attacks['rmia']['auc']:.3f}, TPR@1%FPR {attacks['rmia']['tpr_at_fpr_0.01']:.3f}"
-                + (f", epsilon {privacy['epsilon']:.2f}" if privacy else "")
-            )
+            site_summary["models"][name] = model_result(client, name, utility, privacy, attacks, progress)
         summary["sites"][client] = site_summary
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_audit_report(summary, Path(out_dir))

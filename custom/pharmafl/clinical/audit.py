@@ -46,7 +46,7 @@ from pharmafl.clinical.train import (
 from pharmafl.core.errors import InputError
 from pharmafl.core.report import find_server_run_dir
 from pharmafl.jobs import find_component, num_rounds, prepared_sites, read_json
-from pharmafl.privacy.audit import AuditConfig, membership_attacks, write_audit_report
+from pharmafl.privacy.audit import AuditConfig, membership_attacks, model_result, write_audit_report
 from pharmafl.privacy.dp_sgd import PrivacyBudget
 
 LOCAL = "local"
@@ -184,20 +184,10 @@ def audit_eicu(
         for model_name, (model, standardizer, privacy) in targets.items():
             probability = stay_probabilities(model, standardizer, X, y)
             risk = predict(model, standardizer.transform(site.X[non_members]))
-            utility = scores(site.y[non_members], risk)
+            scored = scores(site.y[non_members], risk)
             attacks = membership_attacks(lambda r, p=probability: p[r], reference_fns, *rows, config)
-            site_summary["models"][model_name] = {
-                "auc_pr": utility["auprc"],
-                "auc_roc": utility["auroc"],
-                "epsilon": privacy["epsilon"] if privacy else None,
-                "delta": privacy["delta"] if privacy else None,
-                **attacks,
-            }
-            progress(
-                f"{name} {model_name}: test AUPRC {utility['auprc']:.4f}, AUROC {utility['auroc']:.4f}; LOSS AUC "
-                f"{attacks['loss']['auc']:.3f}, RMIA AUC {attacks['rmia']['auc']:.3f}, TPR@1%FPR "
-                f"{attacks['rmia']['tpr_at_fpr_0.01']:.3f}" + (f", epsilon {privacy['epsilon']:.2f}" if privacy else "")
-            )
+            utility = {"auc_pr": scored["auprc"], "auc_roc": scored["auroc"]}
+            site_summary["models"][model_name] = model_result(name, model_name, utility, privacy, attacks, progress)
         summary["sites"][name] = site_summary
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_audit_report(summary, Path(out_dir))

@@ -35,7 +35,7 @@ from pharmafl.multitask.baseline import job_train_config
 from pharmafl.multitask.dataset import SiteData, load_site
 from pharmafl.multitask.predict import MODEL_CARD
 from pharmafl.multitask.train import MultiTaskTrainer, TrainConfig, sparse_batch
-from pharmafl.privacy.audit import AuditConfig, membership_attacks, write_audit_report
+from pharmafl.privacy.audit import AuditConfig, membership_attacks, model_result, write_audit_report
 from pharmafl.privacy.dp_sgd import DPConfig
 from pharmafl.privacy.membership import attack_metrics, bit_presence_scores, nonzero_rows
 
@@ -258,18 +258,7 @@ def audit_membership(
                 z,
                 config,
             )
-            site_summary["models"][name] = {
-                "auc_pr": test["auc_pr"],
-                "auc_roc": test["auc_roc"],
-                "epsilon": privacy["epsilon"] if privacy else None,
-                "delta": privacy["delta"] if privacy else None,
-                **attacks,
-            }
-            progress(
-                f"{site} {name}: test AUC-PR {test['auc_pr']:.4f}; LOSS AUC {attacks['loss']['auc']:.3f}, "
-                f"RMIA AUC {attacks['rmia']['auc']:.3f}, TPR@1%FPR {attacks['rmia']['tpr_at_fpr_0.01']:.3f}"
-                + (f", epsilon {privacy['epsilon']:.2f}" if privacy else "")
-            )
+            site_summary["models"][name] = model_result(site, name, test, privacy, attacks, progress)
         summary["sites"][site] = site_summary
     summary["update_attack"] = {}
     for name, (folders, args) in run_models.items():

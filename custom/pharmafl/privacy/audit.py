@@ -58,6 +58,25 @@ def membership_attacks(
     }
 
 
+def model_result(
+    where: str, name: str, utility: dict, privacy: dict | None, attacks: dict, progress: Callable[[str], None]
+) -> dict:
+    """One attacked model's summary entry (``utility``: its ``auc_pr`` and ``auc_roc``; the epsilon and delta
+    ``privacy`` records, None without DP; the attacks), said in one progress line."""
+    progress(
+        f"{where} {name}: test AUC-PR {utility['auc_pr']:.4f}, AUC-ROC {utility['auc_roc']:.4f}; LOSS AUC "
+        f"{attacks['loss']['auc']:.3f}, RMIA AUC {attacks['rmia']['auc']:.3f}, TPR@1%FPR "
+        f"{attacks['rmia']['tpr_at_fpr_0.01']:.3f}" + (f", epsilon {privacy['epsilon']:.2f}" if privacy else "")
+    )
+    return {
+        "auc_pr": utility["auc_pr"],
+        "auc_roc": utility["auc_roc"],
+        "epsilon": privacy["epsilon"] if privacy else None,
+        "delta": privacy["delta"] if privacy else None,
+        **attacks,
+    }
+
+
 def audit_table(summary: dict) -> str:
     """The per-site table of every model attacked (utility, epsilon, attacks) and, when measured, the server's view."""
     lines = [
