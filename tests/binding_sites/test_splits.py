@@ -226,3 +226,35 @@ def test_re_preparing_with_fewer_clients_leaves_exactly_the_new_clients(two_sour
     assert (out / "site-3").is_dir()
     prepare_binding_sites(two_sources, str(out), SplitConfig(clients=2), progress=None, overwrite=True)
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["common_test", "site-1", "site-2"]
+
+
+def test_a_validation_share_comes_out_of_training_only_by_group(tmp_path):
+    """val_fraction holds out part of each client's training chains; the test sets and common test set stay as they
+    were without it, and no sequence straddles validation and any training set."""
+    low = synthetic_file(tmp_path / "LOW_train.txt", 120, lambda i: 0.02, "low", seed=1)
+    mixed = synthetic_file(tmp_path / "MIX_train.txt", 80, lambda i: 0.05 + 0.5 * (i % 2), "mix", seed=2)
+    lines = (tmp_path / "MIX_train.txt").read_text().splitlines()
+    (tmp_path / "MIX_train.txt").write_text("\n".join(lines + [">dup", lines[1], lines[2]]) + "\n")  # a shared sequence
+    inputs = [low, mixed]
+    plain, held = tmp_path / "plain", tmp_path / "held"
+    prepare_binding_sites(inputs, str(plain), SplitConfig(clients=2, split="by-source"), progress=None)
+    summary = prepare_binding_sites(
+        inputs, str(held), SplitConfig(clients=2, split="by-source", val_fraction=0.25), progress=None
+    )
+    assert not (plain / "site-1" / "val.jsonl").exists()
+    ids = lambda chains: [(c.source, c.id) for c in chains]  # noqa: E731
+    assert ids(load_common_test(str(plain))) == ids(load_common_test(str(held)))
+    for site in ("site-1", "site-2"):
+        assert ids(load_client(str(plain / site), "test")) == ids(load_client(str(held / site), "test"))
+        train, val = load_client(str(held / site), "train"), load_client(str(held / site), "val")
+        plain_train = {c.id for c in load_client(str(plain / site), "train")}
+        train_ids, val_ids = {c.id for c in train}, {c.id for c in val}
+        assert train_ids | val_ids == plain_train and not train_ids & val_ids
+        assert 0.15 <= len(val) / len(plain_train) <= 0.35
+        assert summary["clients"][site]["val"]["chains"] == len(val)
+        assert "val.jsonl" in json.loads((held / site / "manifest.json").read_text())["sha256"]
+    val_sequences = {c.sequence for s in ("site-1", "site-2") for c in load_client(str(held / s), "val")}
+    train_sequences = {c.sequence for s in ("site-1", "site-2") for c in load_client(str(held / s), "train")}
+    assert not val_sequences & train_sequences
+    with pytest.raises(InputError, match="validation fraction"):
+        prepare_binding_sites(inputs, str(tmp_path / "bad"), SplitConfig(val_fraction=1.0), progress=None)

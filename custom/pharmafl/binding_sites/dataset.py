@@ -14,7 +14,7 @@ from pharmafl.core.errors import InputError
 from pharmafl.core.manifest import verify_checksums
 
 FORMAT_VERSION = 1
-PARTS = ("train", "test")
+PARTS = ("train", "test", "val")
 COMMON_TEST = "common_test"
 
 
@@ -63,9 +63,9 @@ class ProteinSplit:
 
 
 def load_client(path: str, part: str = "train", verify: bool = False) -> list[Chain]:
-    """The chains of one client's `part` ("train" or "test"); `verify` checks the manifest's sha256 first."""
+    """The chains of one client's `part` ("train", "test" or "val"); `verify` checks the manifest's sha256 first."""
     if part not in PARTS:
-        raise InputError(f"The part must be 'train' or 'test', got '{part}'.")
+        raise InputError(f"The part must be one of {', '.join(PARTS)}, got '{part}'.")
     folder = Path(path)
     for name in (f"{part}.jsonl", "manifest.json"):
         if not (folder / name).is_file():

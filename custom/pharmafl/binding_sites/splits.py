@@ -14,7 +14,10 @@ Splits of what remains after the common test set:
 - `by-source`: each input file to its own client, in input order; the `clients` option is ignored (with a
   note), and `client_names` must then name one client per input.
 Each client then holds out `test_fraction` of its chains, by group and stratified by source, as its test set;
-under by-source a sequence held out by one client is held out by every client that has it.
+under by-source a sequence held out by one client is held out by every client that has it. With `val_fraction`
+each client then holds out that share of its remaining chains, again by group and stratified by source, as a
+validation set (`val.jsonl`: thresholds and model choice, never training); 0, the default, writes none and leaves
+every other draw as it was.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class SplitConfig:
     split: str = "iid"
     max_length: int = 1000  # longer chains keep their first max_length residues (ESM-2 context; Apheris: 1000)
     test_fraction: float = 0.2  # of all chains for the common test set, then of each client's chains
+    val_fraction: float = 0.0  # of each client's chains left after its test set: val.jsonl (0 = none)
     skew_ratios: tuple[float, float] = (0.2, 0.8)  # high-half share of client 1 and of client N (label-skew)
     seed: int = 0
     client_names: list[str] | None = None  # default site-1 .. site-N
@@ -106,8 +110,8 @@ def prepare_binding_sites(
     group_size = np.bincount(group_of, minlength=n_groups)
 
     # Independent streams per step, so changing one step's draws leaves the others as they were.
-    common_key, assign_key, client_key = (
-        np.random.default_rng([config.seed, step]).random(n_groups) for step in range(3)
+    common_key, assign_key, client_key, val_key = (
+        np.random.default_rng([config.seed, step]).random(n_groups) for step in range(4)
     )
     in_common = _holdout(np.arange(n_groups), group_size, group_source, common_key, config.test_fraction)
     rest = np.flatnonzero(~in_common[group_of])  # chain indices available to clients
@@ -130,14 +134,20 @@ def prepare_binding_sites(
         notes.append(f"{moved} chains joined their clients' test sets because another client tests the same sequence")
         say(f"note: {notes[-1]}")
 
+    in_val = np.zeros(len(chains), dtype=bool)
+    if config.val_fraction > 0:
+        left = np.where(in_client_test, -1, client_of)  # each client's chains outside every test set
+        in_val, _ = _client_test(left, group_of, chain_source, val_key, config.val_fraction, len(names))
     common_chains = [chains[i] for i in np.flatnonzero(in_common[group_of])]
     parts = {}
     for index, name in enumerate(names):
         mine = client_of == index
         parts[name] = {
-            "train": [chains[i] for i in np.flatnonzero(mine & ~in_client_test)],
+            "train": [chains[i] for i in np.flatnonzero(mine & ~in_client_test & ~in_val)],
             "test": [chains[i] for i in np.flatnonzero(mine & in_client_test)],
         }
+        if config.val_fraction > 0:
+            parts[name]["val"] = [chains[i] for i in np.flatnonzero(mine & in_val)]
         if not parts[name]["train"]:
             raise InputError(f"Client '{name}' gets no training chains; use fewer clients or more input chains.")
 
@@ -152,9 +162,12 @@ def prepare_binding_sites(
         for name, part in parts.items():
             client_summaries[name] = _write_folder(out / name, name, part, parameters, input_files)
             train, test = client_summaries[name]["train"], client_summaries[name]["test"]
+            val = client_summaries[name].get("val")
             say(
-                f"{name}: {train['chains']} train / {test['chains']} test chains, positive rate "
-                f"{train['positive_rate']:.2%} / {test['positive_rate']:.2%}, {_describe_sources(train['sources'])}"
+                f"{name}: {train['chains']} train / {test['chains']} test chains"
+                + (f" / {val['chains']} validation" if val else "")
+                + f", positive rate {train['positive_rate']:.2%} / {test['positive_rate']:.2%}, "
+                f"{_describe_sources(train['sources'])}"
             )
         common = _write_folder(out / COMMON_TEST, COMMON_TEST, {"test": common_chains}, parameters, input_files)["test"]
         say(f"{COMMON_TEST}: {common['chains']} chains, positive rate {common['positive_rate']:.2%}")
@@ -204,6 +217,8 @@ def _validate(inputs: list[str], config: SplitConfig) -> None:
         raise InputError(f"The maximum chain length must be at least 1, got {config.max_length}.")
     if not 0 <= config.test_fraction < 1:
         raise InputError(f"The test fraction must be at least 0 and below 1, got {config.test_fraction}.")
+    if not 0 <= config.val_fraction < 1:
+        raise InputError(f"The validation fraction must be at least 0 and below 1, got {config.val_fraction}.")
     if config.max_chains_per_input is not None and config.max_chains_per_input < 1:
         raise InputError(f"max_chains_per_input must be at least 1, got {config.max_chains_per_input}.")
     ratios = tuple(config.skew_ratios)

@@ -57,6 +57,7 @@ def cmd_prepare_binding_sites(args: argparse.Namespace) -> int:
         split=args.split,
         max_length=args.max_length,
         test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction,
         skew_ratios=args.skew_ratios,
         seed=args.seed,
         client_names=[s.strip() for s in args.sites.split(",")] if args.sites else None,
@@ -154,6 +155,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     proteins.add_argument("--max-length", type=int, default=1000, help="crop longer chains")
     proteins.add_argument("--test-fraction", type=float, default=0.2)
+    proteins.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of each client's non-test chains held out as val.jsonl (thresholds, model choice; default none)",
+    )
     proteins.add_argument("--skew-ratios", type=floats, default=(0.2, 0.8), help="label-skew high-half shares")
     proteins.add_argument("--seed", type=int, default=0)
     proteins.add_argument("--max-chains-per-input", type=int, default=None)
