@@ -143,3 +143,20 @@ def test_class_weighting_changes_training_and_unknown_values_are_refused(tiny_es
     assert any(not np.allclose(weighted.state()[k], plain.state()[k]) for k in plain.state())
     with pytest.raises(InputError, match="class_weight"):
         BindingSiteConfig(class_weight="inverse")
+
+
+def test_thresholds_come_from_validation_and_metrics_are_scored_on_test():
+    from pharmafl.core.metrics import ranked_metrics, validation_threshold
+
+    # validation: positives score 0.3-0.4, negatives below 0.2 -> the best-F1 threshold is the lowest positive score
+    y_val = np.array([0, 0, 0, 1, 1])
+    s_val = np.array([0.05, 0.1, 0.2, 0.3, 0.4])
+    assert validation_threshold(y_val, s_val) == pytest.approx(0.3)
+    assert validation_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3])) == 0.5  # no positive: the default
+    y_test = np.array([0, 0, 1, 1, 0, 1])
+    s_test = np.array([0.1, 0.35, 0.32, 0.9, 0.25, 0.28])
+    m = ranked_metrics(y_val, s_val, y_test, s_test)
+    predicted = s_test >= 0.3  # 0.35 (a negative), 0.32 and 0.9: two of three positives, one false positive
+    assert m["threshold"] == pytest.approx(0.3) and m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert m["mcc"] == pytest.approx(token_metrics(y_test, predicted.astype(float))["mcc"])
+    assert m["auroc"] == pytest.approx(7 / 9) and 0 < m["auprc"] <= 1

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
     f1_score,
     matthews_corrcoef,
+    precision_recall_curve,
     precision_score,
     recall_score,
     roc_auc_score,
@@ -119,4 +121,32 @@ def token_metrics(y_true: np.ndarray, scores: np.ndarray, threshold: float = 0.5
         "f1": float(f1_score(y_true, y_pred, zero_division=0)),
         "mcc": float(matthews_corrcoef(y_true, y_pred)) if y_true.size else 0.0,
         "auc_roc": auc,
+    }
+
+
+def validation_threshold(y_val: np.ndarray, scores_val: np.ndarray) -> float:
+    """The score threshold with the highest F1 on a validation set (0.5 when it has no positive)."""
+    y_val = np.asarray(y_val).astype(int).ravel()
+    if not y_val.any():
+        return 0.5
+    precision, recall, thresholds = precision_recall_curve(y_val, np.asarray(scores_val, dtype=float).ravel())
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], np.finfo(float).tiny)
+    return float(thresholds[int(np.argmax(f1))])
+
+
+def ranked_metrics(
+    y_val: np.ndarray, scores_val: np.ndarray, y_test: np.ndarray, scores_test: np.ndarray
+) -> dict[str, float]:
+    """Test AUPRC and AUROC (threshold-free), and F1 and MCC at the threshold chosen on validation (best F1)."""
+    y_test = np.asarray(y_test).astype(int).ravel()
+    scores_test = np.asarray(scores_test, dtype=float).ravel()
+    threshold = validation_threshold(y_val, scores_val)
+    two_classes = len(np.unique(y_test)) == 2
+    at = token_metrics(y_test, scores_test, threshold)
+    return {
+        "auprc": float(average_precision_score(y_test, scores_test)) if two_classes else float("nan"),
+        "auroc": at["auc_roc"],
+        "threshold": threshold,
+        "f1": at["f1"],
+        "mcc": at["mcc"],
     }
