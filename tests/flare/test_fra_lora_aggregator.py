@@ -1,9 +1,11 @@
+import json
+
 import numpy as np
 import pytest
 from nvflare.apis.dxo import DataKind, from_shareable
 
-from pharmafl.aggregation.fra_lora import dense_mean_svd
-from pharmafl.flare.fra_lora_aggregator import FRALoRAAggregator
+from pharmafl.aggregation.fra_lora import dense_mean_svd, padded_to_rank
+from pharmafl.flare.fra_lora_aggregator import ROUNDS_FILE, FRALoRAAggregator
 
 from .test_fedavg_aggregator import contribution, make_context
 
@@ -125,3 +127,37 @@ def test_a_spoofed_sender_is_refused_by_fra_lora_too():
     fl_ctx = make_context(global_weights=factors(99))
     assert not aggregator.accept(contribution("site-1", factors(1), kind=DataKind.WEIGHTS, claimed="site-2"), fl_ctx)
     assert "FLARE authenticated 'site-1'" in aggregator.rejections[0]["reason"]
+
+
+def test_each_round_records_the_retained_energy_and_what_naive_averaging_would_have_missed(tmp_path):
+    """The per-round record of the ESM experiments: against a dense computation of both quantities."""
+    aggregator = FRALoRAAggregator(rank=RANK)
+    clients = [factors(seed) for seed in range(3)]
+    clients[2] = {**factors(2, rank=2)}  # a site of rank 2: naive averaging pads it to the global rank
+    steps = [10, 20, 30]
+    for round_number in range(2):
+        fl_ctx = make_context(round_number, global_weights=factors(99), run_dir=tmp_path)
+        for index, (update, step) in enumerate(zip(clients, steps, strict=True)):
+            sent = contribution(f"site-{index}", update, step, round_number, kind=DataKind.WEIGHTS)
+            assert aggregator.accept(sent, fl_ctx)
+        aggregator.aggregate(fl_ctx)
+        aggregator.reset(fl_ctx)  # as ScatterAndGather does between rounds
+    records = [json.loads(line) for line in (tmp_path / ROUNDS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1] and records[0]["clients"] == 3
+    weighted = zip(steps, clients, strict=True)
+    mean = sum(w * c[B_KEY].astype(float) @ c[A_KEY].astype(float) for w, c in weighted) / sum(steps)
+    S = np.linalg.svd(mean, compute_uv=False)
+    assert records[0]["retained_energy"]["min"] == pytest.approx(np.sum(S[:RANK] ** 2) / np.sum(S**2), rel=1e-5)
+    padded = [padded_to_rank(c, RANK) for c in clients]
+    mean_B = sum(w * p[B_KEY].astype(float) for w, p in zip(steps, padded, strict=True)) / sum(steps)
+    mean_A = sum(w * p[A_KEY].astype(float) for w, p in zip(steps, padded, strict=True)) / sum(steps)
+    naive = mean_B @ mean_A
+    expected = np.linalg.norm(naive - mean) / np.linalg.norm(mean)
+    assert records[0]["naive_error"] == pytest.approx(expected, rel=1e-6) and expected > 0.1
+    # identical clients: averaging the factors is exact
+    assert aggregator.naive_error([factors(5)] * 3, [1.0, 2.0, 3.0]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_naive_error_is_skipped_for_adapters_over_the_size_bound(monkeypatch):
+    monkeypatch.setattr("pharmafl.flare.fra_lora_aggregator.NAIVE_ERROR_MAX_ENTRIES", D_OUT * D_IN - 1)
+    assert FRALoRAAggregator(rank=RANK).naive_error([factors(0), factors(1)], [1.0, 1.0]) is None

@@ -15,6 +15,8 @@ from pharmafl.core.errors import InputError
 
 HOME_ENV = "PHARMAFL_HOME"
 DATA_ENV = "PHARMAFL_DATA"  # a site's data root when the executor's data_root is empty
+# a model as named arrays: the server's global model (flare.state_persistor) and the centralized ESM-2 baseline's
+STATE_FILE = "global_state.npz"
 CHEMBL_URL = "https://deepchemdata.s3-us-west-1.amazonaws.com/datasets/chembl_5thresh.csv.gz"
 
 

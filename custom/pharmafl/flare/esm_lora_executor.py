@@ -51,6 +51,7 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
         site_ranks: dict | None = None,
         upload: str = "factors",
         optimizer_state: str = "keep",
+        score_rounds: bool = True,
         log_writer_id: str = "log_writer",
         train_task_name: str = AppConstants.TASK_TRAIN,
         validate_task_name: str = AppConstants.TASK_VALIDATION,
@@ -85,6 +86,9 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
             optimizer_state: ``keep`` AdamW's moments from round to round, or ``reset`` them whenever a global
                 model arrives. FRA-LoRA re-factorises the mean update (B' = U sqrt(S), A' = sqrt(S) V^T), so the
                 factors a site receives are in other coordinates than the ones its moments were built on.
+            score_rounds: score each round's global model on the site's test and the common test set before
+                training on it (the per-round curves of ``pharmafl report``); False scores only the final model, which
+                saves an evaluation pass per round (``pharmafl experiment esm`` scores the final models itself).
             log_writer_id: id of a FLARE ``TBWriter``; metrics stream to the server's TensorBoard through it.
         """
         super().__init__(data_root, log_writer_id, train_task_name, validate_task_name)
@@ -107,6 +111,7 @@ class ESMLoRAExecutor(SiteTrainingExecutor):
         check_private(self.config, self.dp_config)
         self.optimizer_state = optimizer_state
         self.upload = upload
+        self.score_rounds = bool(score_rounds)
         self.site_lora_settings = self.lora_settings  # this site's, once it knows its name
         self.site_test: list[Chain] = []
         self.common_test: list[Chain] = []

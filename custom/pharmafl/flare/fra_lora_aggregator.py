@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import numpy as np
 from nvflare.apis.dxo import DataKind
 from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
 
-from pharmafl.aggregation.fra_lora import check_lora_update, fra_lora_aggregate, fra_lora_from_deltas
+from pharmafl.aggregation.fra_lora import (
+    check_lora_update,
+    find_lora_pairs,
+    fra_lora_aggregate,
+    fra_lora_from_deltas,
+    naive_factor_average,
+    padded_to_rank,
+    product_error,
+)
 from pharmafl.aggregation.weighted_mean import shapes_of, update_problem
 from pharmafl.flare.fedavg_aggregator import DEFAULT_MAX_WEIGHT, CheckedAggregator
+from pharmafl.flare.run_records import append_run_record
+
+ROUNDS_FILE = "fra_lora_rounds.jsonl"  # one line per round in the server's run folder
+# the naive-averaging error is measured (dense, float64) when the LoRA modules hold at most this many entries in all
+NAIVE_ERROR_MAX_ENTRIES = 1 << 24
 
 UPLOADS = ("factors", "delta")
 RESIDUAL_POLICIES = ("drop", "carry")
@@ -27,11 +42,15 @@ class FRALoRAAggregator(CheckedAggregator):
         Clients send their LoRA factors (``upload="factors"``, small) or each module's full update
         (``upload="delta"``, keys ``<module>.delta``; what secure aggregation needs). Every other
         entry (the classification head) is averaged. The result replaces the global adapter
-        (``WEIGHTS``), in the global model's dtypes where it has the key. Clients may train lower ranks than
-        ``rank`` (the executor's ``site_ranks``): their B_u A_u enter the mean as they are, and each takes the
-        leading r_u components of the result, its best rank-r_u approximation. A client's factors with a rank
-        above ``rank``, the wrong shape or dtype, or NaN/Inf, are excluded (and everything ``CheckedAggregator``
-        rejects).
+        (``WEIGHTS``), in the global model's dtypes where it has the key. Each round appends a line to
+        ``fra_lora_rounds.jsonl`` in the run folder: the energy the truncation kept per module (min, median, mean)
+        and, for factor uploads up to ``NAIVE_ERROR_MAX_ENTRIES`` adapter entries (ESM-2 35M is 8.3M), how far
+        averaging A and B separately would have landed from the mean of B·A on the same uploads
+        (``naive_error``: ||mean(B) mean(A) - mean(B A)||_F / ||mean(B A)||_F, ranks zero-padded). Clients may
+        train lower ranks than ``rank`` (the executor's ``site_ranks``): their B_u A_u enter the mean as they
+        are, and each takes the leading r_u components of the result, its best rank-r_u approximation. A client's
+        factors with a rank above ``rank``, the wrong shape or dtype, or NaN/Inf, are excluded (and everything
+        ``CheckedAggregator`` rejects).
 
         Args:
             rank: rank of the global adapter.
@@ -77,11 +96,28 @@ class FRALoRAAggregator(CheckedAggregator):
             dtypes=self.output_dtypes(fl_ctx),
         )
         self.residual = result.residual
+        record = {"round": fl_ctx.get_prop(AppConstants.CURRENT_ROUND), "clients": len(updates)}
         if result.retained_energy:
             energies = sorted(result.retained_energy.values())
+            record["retained_energy"] = {
+                "min": energies[0], "median": energies[len(energies) // 2], "mean": float(np.mean(energies))
+            }  # fmt: skip
             self.log_info(
                 fl_ctx,
                 f"FRA-LoRA rank {self.rank}: retained energy per module min {energies[0]:.4f}, "
                 f"median {energies[len(energies) // 2]:.4f} over {len(energies)} modules",
             )
+        if self.upload == "factors":
+            record["naive_error"] = self.naive_error(updates, weights)
+        append_run_record(fl_ctx, ROUNDS_FILE, **record)
         return result.factors
+
+    def naive_error(self, updates: list[dict], weights: list[float]) -> float | None:
+        """How far mean(B) mean(A) lands from mean(B A) on these uploads (None above the size bound)."""
+        pairs = find_lora_pairs(updates[0])
+        if sum(np.asarray(updates[0][b]).shape[0] * np.asarray(updates[0][a]).shape[1] for a, b in pairs) > (
+            NAIVE_ERROR_MAX_ENTRIES
+        ):
+            return None
+        padded = [padded_to_rank(update, self.rank, pairs) for update in updates]
+        return product_error(naive_factor_average(padded, weights), padded, weights, pairs)

@@ -43,6 +43,8 @@ class SiteTrainingExecutor(Executor):
     upload_kind = DataKind.WEIGHTS
     #: metric names streamed to TensorBoard, per metric set
     streamed_metrics: Iterable[str] = ()
+    #: score each round's global model before training on it (the per-round curve); the final model is always scored
+    score_rounds = True
 
     def __init__(self, data_root: str, log_writer_id: str, train_task_name: str, validate_task_name: str):
         super().__init__()
@@ -103,9 +105,10 @@ class SiteTrainingExecutor(Executor):
             self.log_info(fl_ctx, f"{PROGRESS_TAG} {site} final global model: {self._summary(metrics)}")
             return DXO(data_kind=DataKind.METRICS, data=self.validation_result(metrics)).to_shareable()
         current_round = shareable.get_header(AppConstants.CURRENT_ROUND, 0)
-        # Score the global model with this site's private parts first: the per-round curve of the federation.
-        metrics = self.evaluate_and_stream(trainer, current_round)
-        self.log_info(fl_ctx, f"{PROGRESS_TAG} {site} round {current_round} global model: {self._summary(metrics)}")
+        if self.score_rounds:
+            # Score the global model with this site's private parts first: the per-round curve of the federation.
+            metrics = self.evaluate_and_stream(trainer, current_round)
+            self.log_info(fl_ctx, f"{PROGRESS_TAG} {site} round {current_round} global model: {self._summary(metrics)}")
         self.last_round = current_round
         say = lambda line: self.log_info(fl_ctx, f"{PROGRESS_TAG} {line}")  # noqa: E731
         self.progress = StepReporter(say, prefix=f"{site} round {current_round} ")

@@ -15,7 +15,8 @@ from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey,
 from nvflare.app_common.abstract.model_locator import ModelLocator
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
-STATE_FILE = "global_state.npz"
+from pharmafl.core.paths import STATE_FILE
+
 MODEL_NAME = "global_state"
 
 
