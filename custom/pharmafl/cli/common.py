@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from pharmafl.core.settings import parsed_value
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -42,10 +43,7 @@ def assignment(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
+    return name, parsed_value(value)
 
 
 def add_executor_overrides(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ with values converted to the fields' types (a JSON list becomes a tuple, an int 
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -138,3 +139,11 @@ def apply_settings(
             out.setdefault(group, {})
             out[group] = {**(out[group] or {}), name: list(typed) if isinstance(typed, tuple) else typed}
     return out
+
+
+def parsed_value(text: str) -> object:
+    """A ``--set NAME=VALUE`` value: JSON when it is JSON (numbers, true/false, lists, dicts), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
