@@ -28,7 +28,7 @@ from pharmafl.binding_sites.model import LoRASettings, load_esm_lora, load_lora_
 from pharmafl.binding_sites.splits import SplitConfig, prepare_binding_sites
 from pharmafl.binding_sites.train import BindingSiteConfig
 from pharmafl.core.errors import InputError
-from pharmafl.core.metrics import ranked_metrics, token_metrics
+from pharmafl.core.metrics import mean_std, ranked_metrics, token_metrics
 from pharmafl.core.outputs import check_output, staged_output
 from pharmafl.core.paths import STATE_FILE, job_dir
 from pharmafl.core.report import find_server_run_dir
@@ -231,14 +231,6 @@ def score_states(data: Path, states: Mapping[tuple[str, str], Path], overrides: 
     return out
 
 
-def _mean_std(values: Sequence[float]) -> dict:
-    values = [float(v) for v in values if v is not None and np.isfinite(v)]
-    if not values:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}  # fmt: skip
-
-
 def combine_seeds(per_seed: list[dict], variants: Sequence[str]) -> dict:
     """Mean ± std over seeds per variant, method, client and metric; the paired FRA-LoRA - naive and FRA-LoRA -
     centralized differences; and per round the retained energy and the naive-averaging error."""
@@ -249,16 +241,16 @@ def combine_seeds(per_seed: list[dict], variants: Sequence[str]) -> dict:
         entry: dict = {}
         for method in FEDERATED:
             runs = [s["scores"][variant][method] for s in per_seed]
-            entry[method] = {c: {m: _mean_std([r[c][m] for r in runs]) for m in METRICS} for c in clients}
-        entry[CENTRALIZED] = {c: {m: _mean_std([r[c][m] for r in central]) for m in METRICS} for c in clients}
+            entry[method] = {c: {m: mean_std([r[c][m] for r in runs]) for m in METRICS} for c in clients}
+        entry[CENTRALIZED] = {c: {m: mean_std([r[c][m] for r in central]) for m in METRICS} for c in clients}
         fra = [s["scores"][variant]["fra_lora"] for s in per_seed]
         naive = [s["scores"][variant]["naive"] for s in per_seed]
         entry["fra_minus_naive"] = {
-            c: {m: _mean_std([f[c][m] - n[c][m] for f, n in zip(fra, naive, strict=True)]) for m in METRICS}
+            c: {m: mean_std([f[c][m] - n[c][m] for f, n in zip(fra, naive, strict=True)]) for m in METRICS}
             for c in clients
         }
         entry["fra_minus_centralized"] = {
-            c: {m: _mean_std([f[c][m] - z[c][m] for f, z in zip(fra, central, strict=True)]) for m in METRICS}
+            c: {m: mean_std([f[c][m] - z[c][m] for f, z in zip(fra, central, strict=True)]) for m in METRICS}
             for c in clients
         }
         records = [s["rounds"].get(variant, []) for s in per_seed]
@@ -267,9 +259,9 @@ def combine_seeds(per_seed: list[dict], variants: Sequence[str]) -> dict:
             rows = [r[index] for r in records]
             per_round.append({
                 "round": rows[0].get("round", index),
-                "retained_energy_min": _mean_std([row.get("retained_energy", {}).get("min") for row in rows]),
-                "retained_energy_median": _mean_std([row.get("retained_energy", {}).get("median") for row in rows]),
-                "naive_error": _mean_std([row.get("naive_error") for row in rows]),
+                "retained_energy_min": mean_std([row.get("retained_energy", {}).get("min") for row in rows]),
+                "retained_energy_median": mean_std([row.get("retained_energy", {}).get("median") for row in rows]),
+                "naive_error": mean_std([row.get("naive_error") for row in rows]),
             })  # fmt: skip
         entry["rounds"] = per_round
         combined["variants"][variant] = entry

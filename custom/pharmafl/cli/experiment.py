@@ -11,6 +11,7 @@ from pharmafl.cli.common import (
     assignment,
     executor_overrides,
 )
+from pharmafl.cli.prepare import add_split_options
 from pharmafl.core.paths import job_dir
 
 DEFAULT_JOB = job_dir("multitask_fedavg")
@@ -58,16 +59,9 @@ def cmd_experiment_eicu(args: argparse.Namespace) -> int:
 
 def cmd_experiment_esm(args: argparse.Namespace) -> int:
     from pharmafl.binding_sites.experiment import format_seeds_table, run_esm_experiment
-    from pharmafl.binding_sites.splits import SplitConfig
+    from pharmafl.cli.prepare import split_config
 
-    split = SplitConfig(
-        clients=args.clients,
-        split=args.split,
-        max_length=args.max_length,
-        test_fraction=args.test_fraction,
-        val_fraction=args.val_fraction,
-        max_chains_per_input=args.max_chains_per_input,
-    )
+    split = split_config(args)  # the seed is each run's
     overrides = executor_overrides(args) or {}
     overrides.setdefault("max_length", args.max_length)  # the crop the chains were prepared with
     result = run_esm_experiment(
@@ -144,12 +138,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     experiment_esm.add_argument("inputs", nargs="+", help="binding-site files, as for `prepare binding-sites`")
     experiment_esm.add_argument("--out", required=True, help="output folder (one subfolder per seed)")
     experiment_esm.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (splits and training)")
-    experiment_esm.add_argument("--clients", type=int, default=2)
-    experiment_esm.add_argument("--split", default="iid", choices=["iid", "label-skew", "by-source"])
-    experiment_esm.add_argument("--max-length", type=int, default=256, help="crop (preparation and training)")
-    experiment_esm.add_argument("--test-fraction", type=float, default=0.2)
-    experiment_esm.add_argument("--val-fraction", type=float, default=0.15, help="each client's validation share")
-    experiment_esm.add_argument("--max-chains-per-input", type=int, default=None)
+    add_split_options(experiment_esm, max_length=256, val_fraction=0.15)  # the crop also sets training's
     experiment_esm.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the job's)")
     experiment_esm.add_argument(
         "--variant",

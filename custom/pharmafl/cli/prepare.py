@@ -49,22 +49,45 @@ def cmd_prepare_chem(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare_binding_sites(args: argparse.Namespace) -> int:
-    from pharmafl.binding_sites.splits import SplitConfig, prepare_binding_sites
+def split_config(args: argparse.Namespace):
+    """The ``SplitConfig`` of the binding-site split options (``add_split_options``)."""
+    from pharmafl.binding_sites.splits import SplitConfig
 
-    config = SplitConfig(
+    return SplitConfig(
         clients=args.clients,
         split=args.split,
         max_length=args.max_length,
         test_fraction=args.test_fraction,
         val_fraction=args.val_fraction,
         skew_ratios=args.skew_ratios,
-        seed=args.seed,
+        seed=getattr(args, "seed", 0),
         client_names=[s.strip() for s in args.sites.split(",")] if args.sites else None,
         max_chains_per_input=args.max_chains_per_input,
     )
+
+
+def add_split_options(parser: argparse.ArgumentParser, max_length: int, val_fraction: float) -> None:
+    """How binding-site chains are cropped and split into clients (``prepare binding-sites``, ``experiment esm``)."""
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--sites", default=None, help="comma-separated client names (default site-1..site-N)")
+    parser.add_argument("--split", default="iid", choices=["iid", "label-skew", "by-source"])
+    parser.add_argument("--max-length", type=int, default=max_length, help="crop longer chains")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=val_fraction,
+        help="share of each client's non-test chains held out as val.jsonl (thresholds, model choice)",
+    )
+    parser.add_argument("--skew-ratios", type=floats, default=(0.2, 0.8), help="label-skew high-half shares")
+    parser.add_argument("--max-chains-per-input", type=int, default=None)
+
+
+def cmd_prepare_binding_sites(args: argparse.Namespace) -> int:
+    from pharmafl.binding_sites.splits import prepare_binding_sites
+
     prepare_binding_sites(
-        args.inputs, args.out, config, fmt=args.format, labels_path=args.labels, overwrite=args.overwrite
+        args.inputs, args.out, split_config(args), fmt=args.format, labels_path=args.labels, overwrite=args.overwrite
     )
     return 0
 
@@ -143,9 +166,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     proteins.add_argument("inputs", nargs="+", help="GPSite three-line files, FASTA (with --labels) or CSV")
     proteins.add_argument("--out", required=True, help="output folder (one subfolder per client + common_test)")
     add_overwrite(proteins, "an earlier preparation in --out")
-    proteins.add_argument("--clients", type=int, default=2)
-    proteins.add_argument("--sites", default=None, help="comma-separated client names (default site-1..site-N)")
-    proteins.add_argument("--split", default="iid", choices=["iid", "label-skew", "by-source"])
+    add_split_options(proteins, max_length=1000, val_fraction=0.0)
     proteins.add_argument("--format", default="auto", choices=["auto", "threeline", "fasta", "csv"])
     proteins.add_argument(
         "--labels",
@@ -153,17 +174,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="labels for FASTA input: >id + 0/1 lines, an id,labels CSV, or binding positions "
         "(id<TAB>1-based positions, comma-separated; positions outside the chain are counted and dropped)",
     )
-    proteins.add_argument("--max-length", type=int, default=1000, help="crop longer chains")
-    proteins.add_argument("--test-fraction", type=float, default=0.2)
-    proteins.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.0,
-        help="share of each client's non-test chains held out as val.jsonl (thresholds, model choice; default none)",
-    )
-    proteins.add_argument("--skew-ratios", type=floats, default=(0.2, 0.8), help="label-skew high-half shares")
     proteins.add_argument("--seed", type=int, default=0)
-    proteins.add_argument("--max-chains-per-input", type=int, default=None)
     proteins.set_defaults(func=cmd_prepare_binding_sites)
 
     eicu = prepare.add_parser("eicu", help="eICU-CRD ICU stays -> one folder per region or hospital")

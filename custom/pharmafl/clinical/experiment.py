@@ -14,12 +14,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from pharmafl.clinical.baseline import run_eicu_baseline
 from pharmafl.clinical.prepare import EicuConfig, prepare_eicu
 from pharmafl.clinical.report import METHODS, build_eicu_summary, write_statistics_report
 from pharmafl.core.errors import InputError
+from pharmafl.core.metrics import mean_std
 from pharmafl.core.outputs import check_output, staged_output
 from pharmafl.core.paths import job_dir
 from pharmafl.jobs.simulate import run_simulator
@@ -76,12 +75,6 @@ def run_eicu_experiment(
     return combined
 
 
-def _mean_std(values: list[float]) -> dict:
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}  # fmt: skip
-
-
 def combine_seeds(per_seed: list[dict]) -> dict:
     """Mean ± std over seeds of each site's AUROC/AUPRC per method, on all test stays and on APACHE's stays."""
     sites = sorted(set.intersection(*(set(s["sites"]) for s in per_seed)))
@@ -91,27 +84,27 @@ def combine_seeds(per_seed: list[dict]) -> dict:
         for method in METHODS:
             runs = [s["sites"][site].get(method) for s in per_seed]
             if all(runs):
-                entry[method] = {m: _mean_std([r[m] for r in runs]) for m in ("auroc", "auprc", "brier", "ece")}
+                entry[method] = {m: mean_std([r[m] for r in runs]) for m in ("auroc", "auprc", "brier", "ece")}
         for method in ("federated", "local", "centralized"):
             runs = [s["sites"][site]["on_apache_stays"].get(method) for s in per_seed]
             if all(runs):
-                entry.setdefault("on_apache_stays", {})[method] = _mean_std([r["auroc"] for r in runs])
-        entry["federated_minus_local_auroc"] = _mean_std(
+                entry.setdefault("on_apache_stays", {})[method] = mean_std([r["auroc"] for r in runs])
+        entry["federated_minus_local_auroc"] = mean_std(
             [s["sites"][site]["federated"]["auroc"] - s["sites"][site]["local"]["auroc"] for s in per_seed]
         )
-        entry["federated_minus_centralized_auroc"] = _mean_std(
+        entry["federated_minus_centralized_auroc"] = mean_std(
             [s["sites"][site]["federated"]["auroc"] - s["sites"][site]["centralized"]["auroc"] for s in per_seed]
         )
         combined["sites"][site] = entry
     for method in METHODS:
-        combined["worst_site_auroc"][method] = _mean_std(
+        combined["worst_site_auroc"][method] = mean_std(
             [s["fairness"][method]["worst_site_auroc"] for s in per_seed if method in s["fairness"]]
         )
     for method in METHODS:  # every site's test stays pooled (a seed's ``pooled``)
         runs = [s["pooled"][method] for s in per_seed if method in s.get("pooled", {})]
         if runs:
             combined.setdefault("pooled", {})[method] = {
-                m: _mean_std([r[m] for r in runs]) for m in ("auroc", "auprc", "ece")
+                m: mean_std([r[m] for r in runs]) for m in ("auroc", "auprc", "ece")
             }
     combined["wall_s"] = [s.get("federated_wall_s") for s in per_seed]
     return combined

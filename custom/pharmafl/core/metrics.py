@@ -150,3 +150,13 @@ def ranked_metrics(
         "f1": at["f1"],
         "mcc": at["mcc"],
     }
+
+
+def mean_std(values) -> dict:
+    """Mean and sample standard deviation over seeds of the finite values (None and NaN left out): ``mean``,
+    ``std`` (0 for one value), ``n`` and the ``values`` themselves; NaN mean and std when none is left."""
+    kept = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not kept:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0, "values": []}
+    std = float(np.std(kept, ddof=1)) if len(kept) > 1 else 0.0
+    return {"mean": float(np.mean(kept)), "std": std, "n": len(kept), "values": kept}

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pharmafl.core.errors import InputError
+from pharmafl.core.metrics import mean_std
 from pharmafl.core.outputs import check_output, staged_output
 from pharmafl.core.report import site_metrics
 from pharmafl.jobs import num_rounds, prepared_sites
@@ -114,9 +115,9 @@ def combine_seeds(per_seed: list[dict]) -> dict:
         single = [s["sites"][site].get("single_partner", {}).get("auc_pr", math.nan) for s in per_seed]
         delta = np.subtract(federated, single)
         combined[site] = {
-            "federated_auc_pr": _mean_std(federated),
-            "single_partner_auc_pr": _mean_std(single),
-            "delta_auc_pr": _mean_std(delta),
+            "federated_auc_pr": mean_std(federated),
+            "single_partner_auc_pr": mean_std(single),
+            "delta_auc_pr": mean_std(delta),
             "per_task": per_task_comparison(
                 _seed_mean([s["per_task_federated"].get(site, {}) for s in per_seed]),
                 _seed_mean([s["per_task_single"].get(site, {}) for s in per_seed]),
@@ -125,10 +126,10 @@ def combine_seeds(per_seed: list[dict]) -> dict:
         regression = [s["sites"][site].get("regression") for s in per_seed]
         if all(regression):  # the regression head's R² and RMSE, MP - SP, when the runs trained one
             combined[site]["regression"] = {
-                "delta_r2": _mean_std([r["mean_delta"]["r2"] for r in regression]),
-                "delta_rmse": _mean_std([r["mean_delta"]["rmse"] for r in regression]),
-                "federated_r2": _mean_std([r["federated"]["r2"] for r in regression]),
-                "single_partner_r2": _mean_std([r["single_partner"]["r2"] for r in regression]),
+                "delta_r2": mean_std([r["mean_delta"]["r2"] for r in regression]),
+                "delta_rmse": mean_std([r["mean_delta"]["rmse"] for r in regression]),
+                "federated_r2": mean_std([r["federated"]["r2"] for r in regression]),
+                "single_partner_r2": mean_std([r["single_partner"]["r2"] for r in regression]),
                 "per_task": regression_comparison(
                     {"per_task": _seed_mean([s["regression_federated"].get(site, {}) for s in per_seed])},
                     {"per_task": _seed_mean([s["regression_single"].get(site, {}) for s in per_seed])},
@@ -154,15 +155,6 @@ def combine_seeds(per_seed: list[dict]) -> dict:
         "sites": combined,
         "federated_beats_single_partner_everywhere": bool(deltas and min(deltas) > 0),
         "significant_everywhere": bool(p_values and all(p is not None and p < 0.05 for p in p_values)),
-    }
-
-
-def _mean_std(values) -> dict:
-    values = np.asarray(values, dtype=float)
-    return {
-        "mean": float(np.mean(values)),
-        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-        "values": [float(v) for v in values],
     }
 
 
