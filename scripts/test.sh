@@ -10,4 +10,9 @@ bash scripts/setup.sh
 # tests/conftest.py puts the longest files first and --no-loadscope-reorder keeps that order (xdist would sort the
 # files by their number of tests, which puts the one-test README smoke test last). PHARMAFL_TEST_WORKERS=0: no
 # workers, everything in this process.
-.venv/bin/python -m pytest tests -n "${PHARMAFL_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+# One BLAS/torch thread per worker: two workers with two threads each on two cores spin-wait against each other.
+workers="${PHARMAFL_TEST_WORKERS:-2}"
+if [ "$workers" != 0 ]; then
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
+fi
+.venv/bin/python -m pytest tests -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
