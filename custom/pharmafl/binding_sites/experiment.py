@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ class Variant:
 
     name: str
     rounds: int | None = None
-    overrides: Mapping = None  # type: ignore[assignment]
+    overrides: Mapping = field(default_factory=dict)
 
 
 def parse_variant(text: str) -> Variant:
@@ -103,7 +103,7 @@ def run_esm_experiment(
         raise InputError(f"--seeds must be at least 1, got {seeds}")
     if split.val_fraction <= 0:
         raise InputError("the experiment chooses thresholds on validation chains: --val-fraction must be above 0.")
-    variants = list(variants) or [Variant("base", None, {})]
+    variants = list(variants) or [Variant("base")]
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise InputError(f"--variant names must differ, got {', '.join(names)}.")
@@ -138,7 +138,7 @@ def run_esm_experiment(
                     )
                     progress(f"seed {seed}: {variant.name} {method} done in {result['wall_s']:.0f} s")
                     run_dir = find_server_run_dir(workspace)
-                    states[(variant.name, method)] = run_dir / "app_server" / STATE_FILE
+                    states[(variant.name, method)] = (run_dir / "app_server" / STATE_FILE, variant.overrides)
                     if method == "fra_lora":
                         rounds_records[variant.name] = _read_rounds(run_dir / ROUNDS_FILE)
             progress(f"seed {seed}: centralized")
@@ -152,8 +152,8 @@ def run_esm_experiment(
                 _model_settings({**seeded, **variants[0].overrides}) | {"score_rounds": False},
                 progress=lambda _line: None,
             )
-            states[(CENTRALIZED, CENTRALIZED)] = folder / CENTRALIZED / STATE_FILE
-            scores = score_states(data, states, _model_settings(seeded), seed)
+            states[(CENTRALIZED, CENTRALIZED)] = (folder / CENTRALIZED / STATE_FILE, variants[0].overrides)
+            scores = score_states(data, states, seeded, seed)
             summary = {"seed": seed, "scores": scores, "rounds": rounds_records}
             (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             per_seed.append(summary)
@@ -199,16 +199,25 @@ def _read_rounds(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def score_states(data: Path, states: Mapping[tuple[str, str], Path], overrides: Mapping, seed: int) -> dict:
-    """Each saved global model scored on every client's validation (threshold) and test chains, and pooled."""
-    args = job_settings(job_dir(FEDERATED["fra_lora"]), overrides)
-    lora = settings(LoRASettings, args.get("lora"), "lora")
-    max_length = settings(BindingSiteConfig, args.get("training"), "training").max_length
-    model, tokenizer = load_esm_lora(args.get("model", ""), args.get("model_config"), lora, seed)
+def score_states(
+    data: Path, states: Mapping[tuple[str, str], tuple[Path, Mapping]], overrides: Mapping, seed: int
+) -> dict:
+    """Each saved global model scored on every client's validation (threshold) and test chains, and pooled.
+
+    ``states`` maps (variant, method) to the saved model and its variant's overrides (on top of ``overrides``): the
+    model is built as that run built it (its ``lora`` settings, ``model``, crop)."""
     sites = prepared_sites(data)
     parts = {site: {part: load_client(str(data / site), part) for part in ("val", "test")} for site in sites}
+    built: dict[str, tuple] = {}
     out: dict = {}
-    for (variant, method), path in states.items():
+    for (variant, method), (path, variant_overrides) in states.items():
+        args = job_settings(job_dir(FEDERATED["fra_lora"]), _model_settings({**overrides, **variant_overrides}))
+        key = json.dumps(args, sort_keys=True, default=str)
+        if key not in built:
+            lora = settings(LoRASettings, args.get("lora"), "lora")
+            model, tokenizer = load_esm_lora(args.get("model", ""), args.get("model_config"), lora, seed)
+            built = {key: (model, tokenizer, settings(BindingSiteConfig, args.get("training"), "training").max_length)}
+        model, tokenizer, max_length = built[key]
         with np.load(path) as saved:
             load_lora_state(model, {name: saved[name] for name in saved.files})
         scored = {
