@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pharmafl.binding_sites.audit import chain_scores, job_settings
+from pharmafl.binding_sites.audit import chain_scores, job_settings, residue_metrics
 from pharmafl.binding_sites.baseline import run_esm_baseline
 from pharmafl.binding_sites.dataset import load_client
 from pharmafl.binding_sites.model import LoRASettings, load_esm_lora, load_lora_state
@@ -233,9 +233,12 @@ def score_states(
         labels = np.concatenate([f["test"][0] for f in flat.values()])
         probabilities = np.concatenate([f["test"][1] for f in flat.values()])
         above = np.concatenate([f["test"][1] >= entry[site]["threshold"] for site, f in flat.items()])
-        pooled = ranked_metrics(labels, probabilities, labels, probabilities)
+        ranked = residue_metrics([labels], [probabilities])
         at_thresholds = token_metrics(labels, above.astype(float))
-        entry[POOLED] = {**pooled, "threshold": float("nan"), "f1": at_thresholds["f1"], "mcc": at_thresholds["mcc"]}
+        entry[POOLED] = {
+            "auprc": ranked["auc_pr"], "auroc": ranked["auc_roc"], "threshold": float("nan"),
+            "f1": at_thresholds["f1"], "mcc": at_thresholds["mcc"],
+        }  # fmt: skip
         out.setdefault(variant, {})[method] = entry
     return out
 
