@@ -5,6 +5,9 @@
 #   4 clients split by source (GPSite ATP, HEM, MN, ZN: one ligand per client), crop 128, batch 4, 60 local steps
 #   per client in three variants: 10 rounds x 6 steps (base), 2 rounds x 30 steps (long, 5x the local steps) and
 #   10 x 6 with sites of LoRA rank 4, 8, 16, 16 (ranks). Thresholds are chosen on each client's validation chains.
+# PART=dp: the same 4 clients and steps, every client training with DP-SGD (target epsilon 8 per client, one chain
+#   the privacy unit, RDP accounting; centralized training without DP).
+# PART=pair: today's 2 clients (GPSite ATP + HEM, iid) at the stress geometry, 10 rounds x 6 steps, over 3 seeds.
 # PART=two-clients: the earlier 2-client runs (ATP + HEM, iid and label skew with gradient noise 1e-4), each job
 #   once beside centralized training, with `pharmafl report`.
 # ROUNDS, MAX_LENGTH, SEEDS, MODEL and PHARMAFL_ESM_DIR override the defaults.
@@ -17,17 +20,24 @@ pharmafl=".venv/bin/pharmafl"
 model="${MODEL:-$(.venv/bin/python -c 'from pharmafl.binding_sites.model import offline_esm2_dir; print(offline_esm2_dir())')}"
 data="../shared/data/proteins/gpsite"
 
-if [ "${PART:-stress}" = stress ]; then
-  out="${PHARMAFL_ESM_DIR:-runs/esm_stress}"
+part="${PART:-stress}"
+if [ "$part" != two-clients ]; then
   rounds="${ROUNDS:-10}"
-  # one BLAS/torch thread per simulated client (the four run side by side, kept alive across rounds)
-  OMP_NUM_THREADS=1 "$pharmafl" experiment esm "$data"/{ATP,HEM,MN,ZN}_train.txt --out "$out" --overwrite \
-    --split by-source --max-length "${MAX_LENGTH:-128}" --max-chains-per-input 200 --val-fraction 0.15 \
+  case "$part" in
+    stress) inputs=("$data"/{ATP,HEM,MN,ZN}_train.txt); split=(--split by-source)
+      variants=(--variant base --variant "long:rounds=2;local_steps=30"
+                --variant 'ranks:site_ranks={"site-1": 4, "site-2": 8}') ;;
+    dp) inputs=("$data"/{ATP,HEM,MN,ZN}_train.txt); split=(--split by-source)
+      variants=(--variant "dp:dp.target_epsilon=8") ;;
+    pair) inputs=("$data"/{ATP,HEM}_train.txt); split=(--split iid --clients 2); variants=(--variant base) ;;
+    *) echo "PART must be stress, dp, pair or two-clients, got '$part'" >&2; exit 2 ;;
+  esac
+  out="${PHARMAFL_ESM_DIR:-runs/esm_$part}"
+  # one BLAS/torch thread per simulated client (they run side by side, kept alive across rounds)
+  OMP_NUM_THREADS=1 "$pharmafl" experiment esm "${inputs[@]}" --out "$out" --overwrite "${split[@]}" \
+    --max-length "${MAX_LENGTH:-128}" --max-chains-per-input 200 --val-fraction 0.15 \
     --seeds "${SEEDS:-3}" --rounds "$rounds" --set model="$model" --set batch_size=4 \
-    --set local_steps=$((60 / rounds)) \
-    --variant base \
-    --variant "long:rounds=2;local_steps=30" \
-    --variant 'ranks:site_ranks={"site-1": 4, "site-2": 8}'
+    --set local_steps=$((60 / rounds)) "${variants[@]}"
   echo "report: $out/report.md"
   exit 0
 fi

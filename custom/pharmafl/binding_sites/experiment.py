@@ -36,6 +36,7 @@ from pharmafl.core.settings import parsed_value, settings
 from pharmafl.flare.fra_lora_aggregator import ROUNDS_FILE
 from pharmafl.jobs import num_rounds, prepared_sites
 from pharmafl.jobs.simulate import run_simulator
+from pharmafl.privacy.report import site_privacy
 
 EXPERIMENT = "experiment esm"
 FEDERATED = {"fra_lora": "esm2_lora_fra", "naive": "esm2_lora_fedavg"}  # method -> job
@@ -122,7 +123,7 @@ def run_esm_experiment(
             data = folder / "data"
             prepare_binding_sites(list(inputs), str(data), replace(split, seed=seed), progress=None)
             seeded = {**base, "seed": seed, "score_rounds": False}
-            states, rounds_records = {}, {}
+            states, rounds_records, privacy = {}, {}, {}
             for variant in variants:
                 for method, job in FEDERATED.items():
                     progress(f"seed {seed}: {variant.name} {method}")
@@ -141,6 +142,9 @@ def run_esm_experiment(
                     states[(variant.name, method)] = (run_dir / "app_server" / STATE_FILE, variant.overrides)
                     if method == "fra_lora":
                         rounds_records[variant.name] = _read_rounds(run_dir / ROUNDS_FILE)
+                    spent = {site: site_privacy(run_dir, site) for site in prepared_sites(data)}
+                    if any(spent.values()):
+                        privacy.setdefault(variant.name, {})[method] = spent
             progress(f"seed {seed}: centralized")
             central_rounds = variants[0].rounds or rounds
             run_esm_baseline(
@@ -154,7 +158,7 @@ def run_esm_experiment(
             )
             states[(CENTRALIZED, CENTRALIZED)] = (folder / CENTRALIZED / STATE_FILE, variants[0].overrides)
             scores = score_states(data, states, seeded, seed)
-            summary = {"seed": seed, "scores": scores, "rounds": rounds_records}
+            summary = {"seed": seed, "scores": scores, "rounds": rounds_records, "privacy": privacy}
             (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             per_seed.append(summary)
         combined = combine_seeds(per_seed, names)
@@ -276,6 +280,18 @@ def combine_seeds(per_seed: list[dict], variants: Sequence[str]) -> dict:
                 "naive_error": mean_std([row.get("naive_error") for row in rows]),
             })  # fmt: skip
         entry["rounds"] = per_round
+        spent = [s.get("privacy", {}).get(variant) for s in per_seed]
+        if any(spent):  # DP-SGD sites: the largest epsilon any site spent, and its noise, per seed
+            entry["privacy"] = {
+                method: {
+                    **{
+                        key: mean_std([max(p[key] for p in seed[method].values() if p) for seed in spent])
+                        for key in ("epsilon", "noise_multiplier", "delta")
+                    },
+                    "accountant": next(p["accountant"] for p in spent[0][method].values() if p),
+                }
+                for method in FEDERATED
+            }
         combined["variants"][variant] = entry
     return combined
 
@@ -304,5 +320,11 @@ def format_seeds_table(combined: dict) -> str:
                     f"| {row['round']} | {cell(row['retained_energy_min'])} | {cell(row['retained_energy_median'])} "
                     f"| {cell(row['naive_error'])} |"
                 )
+        for method, spent in entry.get("privacy", {}).items():
+            lines.append(
+                f"\nDP-SGD, {method}: largest epsilon any site spent {cell(spent['epsilon'])} at delta up to "
+                f"{max(spent['delta']['values']):.2g}, noise multiplier {cell(spent['noise_multiplier'])} "
+                f"({spent['accountant']} accountant)."
+            )
         lines.append("")
     return "\n".join(lines)
