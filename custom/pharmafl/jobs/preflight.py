@@ -102,7 +102,7 @@ def _check_trunk_width(executor_args: dict, manifests: dict[str, dict], data_dir
 
 def check_model_available(model: str) -> None:
     """The ESM-2 base model is a local folder, in the Hugging Face cache, or downloadable right now."""
-    from pharmafl.binding_sites.model import looks_like_path, offline_esm2_dir, way_out
+    from pharmafl.binding_sites.weights import looks_like_path, offline_esm2_dir, way_out
 
     if not model:
         if offline_esm2_dir() is None:
