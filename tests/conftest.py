@@ -8,7 +8,7 @@ FIRST = ("test_readme.py",)  # the longest file: the README smoke test
 
 def pytest_collection_modifyitems(items):
     """The longest files first: the README smoke test, then every file with an end-to-end (``slow``) test, then the
-    rest, each file's tests together and in their order. With scripts/test.sh's two pytest-xdist workers the long
+    rest, each file's tests together and in their order. With scripts/test.sh's three pytest-xdist workers the long
     files start at once and the short ones fill the gaps, so the run ends about when its longest file does."""
     rank: dict = {}
     for item in items:
