@@ -25,7 +25,7 @@ README = repo_root() / "README.md"
 SMALL_CHEM = "--max-compounds 1500"
 SMOKE_JOBS = "runs/smoke_jobs"  # one-round copies of the jobs README runs with the plain FLARE CLI
 ONE_ROUND_JOB = f"{SMOKE_JOBS}/multitask_fedavg"
-ESM_SMALL = "--set local_steps=4 --set max_length=128 --set batch_size=4"
+ESM_SMALL = "--rounds 2 --set local_steps=2 --set max_length=128 --set batch_size=4"  # 2 rounds: a mid-run curve point
 
 
 def free_port() -> int:
@@ -71,8 +71,8 @@ RULES = [
     (r"^\.venv/bin/pharmafl bench trunk ", "{} --data runs/data/chem --rounds 1 --workdir runs/bench"),
     (r"^\.venv/bin/pharmafl prepare binding-sites ", "{} --max-chains-per-input 30 --max-length 128"),
     (r"^M=\$\(", "{}"),
-    (r"^\.venv/bin/pharmafl simulate jobs/esm2_lora_fra ", "{} --rounds 1 " + ESM_SMALL),
-    (r"^\.venv/bin/pharmafl baseline esm ", "{} --rounds 1 " + ESM_SMALL),
+    (r"^\.venv/bin/pharmafl simulate jobs/esm2_lora_fra ", "{} " + ESM_SMALL),
+    (r"^\.venv/bin/pharmafl baseline esm ", "{} " + ESM_SMALL),
     (r"^\.venv/bin/pharmafl prepare eicu ", "{}"),
     (r"^\.venv/bin/python -m pharmafl\.clinical\.mortality ", "{} --rounds 1"),
     (r"^\.venv/bin/pharmafl simulate eicu_statistics ", "{}"),
@@ -186,16 +186,17 @@ def test_every_readme_command_runs_on_a_small_subset(tmp_path):
         assert {"federated", "local", "centralized", "apache"} <= set(entry)
         assert entry["federated"]["auroc"]["n"] == 1
     assert {"federated", "local", "centralized", "apache"} <= set(eicu["pooled"])  # all test stays pooled
-    # report esm: the federation (2 clients, 1 round of 4 steps) beside centralized training for the same steps,
-    # every model scored on each client's test chains, and per-round curves (the untrained and the final model)
+    # report esm: the federation (2 clients, 2 rounds of 2 steps) beside centralized training for the same steps,
+    # every model scored on each client's test chains, and per-round curves (round 0 untrained, round 1, and the
+    # final model after round 2)
     esm = json.loads((runs / "esm" / "report" / "summary.json").read_text())
-    assert esm["kind"] == "esm_lora" and esm["baselines"]["centralized"]["steps"] == 1 * 2 * 4
+    assert esm["kind"] == "esm_lora" and esm["baselines"]["centralized"]["steps"] == 2 * 2 * 2
     assert set(esm["sites"]) == {"site-1", "site-2"}
     for entry in esm["sites"].values():
         for model in ("federated", "centralized", "federated_common", "centralized_common"):
             assert set(entry[model]) == set(ESM_METRICS)
         assert entry["f1_minus_centralized"] == entry["federated"]["f1"] - entry["centralized"]["f1"]
-        assert [len(entry["curves"][m]["f1"]) for m in ("federated", "centralized")] == [2, 2]
+        assert [len(entry["curves"][m]["f1"]) for m in ("federated", "centralized")] == [3, 3]
         assert entry["curves"]["federated"]["f1"][-1] == pytest.approx(entry["federated"]["f1"])
     assert (runs / "esm/report/metrics_per_round.png").stat().st_size > 0
     assert any(runs.glob("provision/*/prod_*/pharma-a/startup"))

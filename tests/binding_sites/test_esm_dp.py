@@ -7,8 +7,9 @@ import torch
 from transformers import EsmConfig, EsmTokenizer
 
 from pharmafl.binding_sites.formats import Chain
-from pharmafl.binding_sites.model import LoRASettings, build_esm_lora, build_esm_lora_from_config, offline_esm2_dir
+from pharmafl.binding_sites.model import LoRASettings, build_esm_lora, build_esm_lora_from_config
 from pharmafl.binding_sites.train import BindingSiteConfig, BindingSiteTrainer
+from pharmafl.binding_sites.weights import offline_esm2_dir
 from pharmafl.core.errors import InputError
 from pharmafl.privacy import accounting
 from pharmafl.privacy.dp_sgd import DPConfig

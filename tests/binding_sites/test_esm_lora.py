@@ -16,9 +16,9 @@ from pharmafl.binding_sites.model import (
     esm_tokenizer,
     load_lora_state,
     lora_state,
-    offline_esm2_dir,
     parameter_counts,
 )
+from pharmafl.binding_sites.weights import offline_esm2_dir
 from pharmafl.core.errors import InputError
 
 
